@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HAM10000_DIR ?= ../shared/data/ham10000
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/ham-hf prepare --data-dir $(HAM10000_DIR) --output data/ham10000 --overwrite
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HAM10000_DIR=$(HAM10000_DIR) $(BIN)/python -m pytest
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prepare.py --data-dir $(HAM10000_DIR)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

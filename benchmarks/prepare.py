@@ -1,0 +1,49 @@
+"""Wall time and peak RSS of `ham-hf prepare` on a HAM10000 folder (a subprocess, as a user runs it).
+
+    .venv/bin/python benchmarks/prepare.py --data-dir ../shared/data/ham10000 [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench.prepare")
+
+
+def run_once(data_dir: str) -> tuple[float, float]:
+    """Run prepare once in a fresh process; return (seconds, peak RSS in MB of that process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "ham_hf.cli", "prepare", "--data-dir", data_dir, "--output", f"{tmp}/out"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.perf_counter() - start
+        # ru_maxrss of children is the max over all waited-for children: run each repeat in a fresh
+        # interpreter so the figure is this run's (it can only grow, so report the running max).
+        peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        return seconds, peak
+
+
+def main() -> None:
+    """Measure and log the figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runs = [run_once(args.data_dir) for _ in range(args.repeats)]
+    seconds = sorted(r[0] for r in runs)
+    logger.info("ham-hf prepare on %s: median %.1f s (min %.1f, max %.1f) over %d runs; peak RSS %.0f MB",
+                Path(args.data_dir).name, seconds[len(seconds) // 2], seconds[0], seconds[-1], len(runs),
+                max(r[1] for r in runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The `ham-hf` command: a thin face over the stages.
+
+    ham-hf prepare  --data-dir DIR --output DIR [--push-to-hub ORG/NAME]
+    ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json)
+    ham-hf evaluate --model DIR --data DIR [--split test]
+    ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
+    ham-hf push     --model DIR --repo-id ORG/NAME [--private]
+
+Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+logger = logging.getLogger("ham_hf")
+
+
+def parse(argv: list[str], *dataclass_types):
+    """Parse argv (or one JSON file) into the given dataclasses with HfArgumentParser."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+@dataclass
+class PrepareArguments:
+    """Options of `ham-hf prepare`."""
+
+    data_dir: str = field(metadata={"help": "Raw source: HAM10000 / ISIC 2018 / class-folder tree, or a Hub id."})
+    output: str = field(metadata={"help": "Folder to save the DatasetDict in (save_to_disk)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also push to this Hub dataset repo id."})
+    private: bool = field(default=False, metadata={"help": "Make the pushed dataset private."})
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    """Read, split and save a data set; optionally push it with a dataset card."""
+    from ham_hf import data, hub
+
+    args, split_args = parse(argv, PrepareArguments, data.SplitArguments)
+    dsd = data.prepare(args.data_dir, args.output, split_args, overwrite=args.overwrite)
+    counts = data.class_counts(dsd)
+    for name, per_class in counts.items():
+        logger.info("%s: %d images %s", name, sum(per_class.values()), per_class)
+    if args.push_to_hub:
+        duplicates = hub.read_json(f"{args.output}/{data.DUPLICATES_FILE}") or []
+        card = hub.dataset_card(counts, split_args.describe(), duplicates)
+        hub.push_dataset(dsd, args.push_to_hub, card, private=args.private)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"prepare": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ham-hf SUBCOMMAND ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from ham_hf.data import DataError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except DataError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

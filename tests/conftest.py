@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny synthetic HAM10000-shaped data sets, tiny timm models, the real data when present."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+# Offline before any Hugging Face import: nothing in the tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+from PIL import Image
+
+from ham_hf.labels import CLASS_CODES
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
+
+# Per class: how many lesions, and images per lesion cycle through 1, 2, 3.
+LESIONS_PER_CLASS = {"akiec": 4, "bcc": 4, "bkl": 5, "df": 4, "mel": 5, "nv": 8, "vasc": 4}
+# A distinct mean colour per class so tiny models can learn something.
+CLASS_COLOURS = {
+    "akiec": (200, 80, 80), "bcc": (220, 160, 160), "bkl": (140, 100, 60), "df": (180, 140, 110),
+    "mel": (50, 30, 30), "nv": (120, 70, 40), "vasc": (180, 30, 60),
+}
+
+
+def tiny_jpeg(path: Path, colour, seed: int, size=(40, 30)) -> None:
+    """Write a small noisy JPEG of one dominant colour."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, colour)
+    px = img.load()
+    for _ in range(60):
+        x, y = rng.randrange(size[0]), rng.randrange(size[1])
+        px[x, y] = tuple(min(255, max(0, c + rng.randint(-40, 40))) for c in colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, "JPEG", quality=90)
+
+
+def make_ham_folder(root: Path, lesions_per_class=None) -> Path:
+    """Build a HAM10000-shaped folder (metadata CSV + two part folders) and return it."""
+    lesions_per_class = lesions_per_class or LESIONS_PER_CLASS
+    root.mkdir(parents=True, exist_ok=True)
+    rows, n_img, n_lesion = [], 0, 0
+    for code in CLASS_CODES:
+        for _ in range(lesions_per_class[code]):
+            lesion = f"HAM_{n_lesion:07d}"
+            for _ in range(1 + n_lesion % 3):
+                image_id = f"ISIC_{n_img:07d}"
+                part = "HAM10000_images_part_1" if n_img % 2 == 0 else "HAM10000_images_part_2"
+                tiny_jpeg(root / part / f"{image_id}.jpg", CLASS_COLOURS[code], seed=n_img)
+                age = "" if n_img % 7 == 0 else str(20.0 + n_img % 60)
+                rows.append([lesion, image_id, code, "histo", age, ["male", "female"][n_img % 2], "back"])
+                n_img += 1
+            n_lesion += 1
+    with (root / "HAM10000_metadata.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def ham_dir(tmp_path) -> Path:
+    """A fresh synthetic HAM10000 folder (safe to modify)."""
+    return make_ham_folder(tmp_path / "ham")
+
+
+@pytest.fixture(scope="session")
+def ham_dir_ro(tmp_path_factory) -> Path:
+    """A synthetic HAM10000 folder shared by the session (do not modify)."""
+    return make_ham_folder(tmp_path_factory.mktemp("ham_ro"))
+
+
+@pytest.fixture(scope="session")
+def real_ham_dir() -> Path:
+    """The real HAM10000 copy named by HAM10000_DIR (tests using it skip without it)."""
+    value = os.environ.get("HAM10000_DIR")
+    if not value or not (Path(value) / "HAM10000_metadata.csv").is_file():
+        pytest.skip("HAM10000_DIR is not set to a HAM10000 folder")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def real_ham(real_ham_dir):
+    """The real HAM10000 read once as an unsplit Dataset."""
+    from ham_hf import data
+
+    return data.read_ham10000(real_ham_dir)
