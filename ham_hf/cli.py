@@ -56,7 +56,44 @@ def cmd_prepare(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"prepare": cmd_prepare}
+def cmd_train(argv: list[str]) -> int:
+    """Fine-tune through the Trainer and write a Hub-ready output folder."""
+    import shlex
+
+    from ham_hf import data, train
+    from ham_hf.transforms import AugmentArguments
+
+    parsed = parse(argv, train.ModelArguments, train.DataArguments, train.RecipeArguments, AugmentArguments,
+                   data.SplitArguments, train.HamTrainingArguments)
+    train.run(*parsed, command=shlex.join(["ham-hf", "train", *argv]))
+    return 0
+
+
+@dataclass
+class EvaluateArguments:
+    """Options of `ham-hf evaluate`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id to score."})
+    data: str = field(metadata={"help": "Prepared dataset folder, raw folder or Hub dataset id."})
+    split: str = field(default="test", metadata={"help": "Split to score: train, validation, test or all."})
+    output: str | None = field(default=None, metadata={"help": "Report folder (default: MODEL/eval-SPLIT)."})
+    batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    """Score a saved model on a split of any data source and write the reports."""
+    from ham_hf import data, train
+
+    args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
+    train.evaluate_model(args.model, args.data, args.split, args.output, split_args, args.batch_size)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,3 +98,166 @@ def read_json(path: str | Path) -> dict:
     """Read a JSON file (empty dict when absent)."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# ----------------------------------------------------------------------------- models
+
+MODEL_FILES = ("config.json", "model.safetensors", "README.md", "all_results.json", "split.csv",
+               "training_curves.png")
+MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv")
+CARD_METRICS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy (mean recall)"),
+                ("macro_f1", "Macro F1"), ("roc_auc_macro", "Macro one-vs-rest ROC AUC"))
+
+
+def is_hub_id(value: str | None) -> bool:
+    """Whether a string looks like a Hub repo id (ORG/NAME) rather than a local path."""
+    return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/"))
+
+
+def training_summary(args, recipe, augment, dc, trainer) -> dict:
+    """Collect the hyper-parameters and the run's figures for the model card."""
+    import dataclasses
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    runtime = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+    return {
+        "image_size": dc.size, "epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size,
+        "learning_rate_head": args.learning_rate,
+        "learning_rate_backbone": args.learning_rate * recipe.backbone_lr_multiplier,
+        "optimizer": str(args.optim), "scheduler": str(args.lr_scheduler_type), "warmup": args.warmup_steps,
+        "weight_decay": args.weight_decay, "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
+        "seed": args.seed, "device": device,
+        "train_runtime_s": runtime.get("train_runtime"), "train_images_per_s": runtime.get("train_samples_per_second"),
+        **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items()},
+        **{f"augment.{k}": v for k, v in dataclasses.asdict(augment).items()},
+    }
+
+
+def model_card(results: dict[str, dict], base_model: str, dataset: str, split_description: str,
+               training: dict, command: str | None = None):
+    """Build the model card (Hub metadata with model-index from the test metrics) for a trained model."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from ham_hf.report import per_class_markdown
+
+    test = results.get("test")
+    dataset_id = dataset if is_hub_id(dataset) else "ham10000"
+    eval_results = [
+        EvalResult(task_type="image-classification", dataset_type=dataset_id,
+                   dataset_name="HAM10000 (lesion-grouped test split)", dataset_split="test",
+                   metric_type=key, metric_name=name, metric_value=round(float(test[key]), 4))
+        for key, name in CARD_METRICS if test is not None and test[key] == test[key]  # skip NaN
+    ]
+    data = ModelCardData(
+        library_name="timm", pipeline_tag="image-classification", license=LICENSE,
+        tags=["image-classification", "timm", "transformers", "dermatology", "skin-lesion", "ham10000", "medical"],
+        datasets=[dataset_id], base_model=base_model if is_hub_id(base_model) else None,
+        model_name="ham10000-classifier", eval_results=eval_results or None,
+    )
+    command = command or "ham-hf train ..."
+
+    def metric_table(split: str) -> str:
+        r = results.get(split)
+        if r is None:
+            return "_not scored_"
+        rows = "\n".join(f"| {name} | {r[key]:.4f} |" for key, name in CARD_METRICS)
+        return f"| metric | value |\n|---|---:|\n{rows}\n\nPer class:\n\n{per_class_markdown(r)}"
+
+    hyper = "\n".join(f"| {k} | {v} |" for k, v in training.items())
+    classes = "\n".join(f"| {i} | {c} | {LONG_NAMES[c]} |" for i, c in enumerate(CLASS_CODES))
+    content = f"""---
+{data.to_yaml()}
+---
+
+# HAM10000 skin-lesion classifier
+
+A timm image classifier fine-tuned on HAM10000 to tell 7 kinds of pigmented skin lesion apart
+from a dermatoscopic image. Base model: `{base_model}`.
+
+```python
+from transformers import pipeline
+classifier = pipeline("image-classification", model="<this repo or folder>")
+classifier("lesion.jpg", top_k=7)
+```
+
+It also loads with `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `local-dir:<folder>`).
+
+| id | label | diagnosis |
+|---|---|---|
+{classes}
+
+## Intended use and limitations
+
+**Research and teaching only. Not a medical device; not for diagnosis or treatment decisions.**
+
+- Trained on dermatoscopic images (HAM10000: mostly fair-skinned patients from Austria and
+  Australia). Clinical (non-dermatoscopic) photos, other skin types, other devices and rare
+  diagnoses outside these 7 classes are out of distribution: expect worse and uncalibrated
+  answers there.
+- nv (melanocytic nevus) is 67% of the data; class-weighted training trades some accuracy for
+  recall on the rare classes. Balanced accuracy (mean recall) is the selection metric.
+- Scores on one internal split over-estimate performance on images from other clinics.
+
+## Training data and split protocol
+
+{SOURCE}. Licence CC BY-NC-SA 4.0.
+
+{split_description}
+
+The checkpoint was selected on validation balanced accuracy; the test split was scored once, after training.
+
+## Results
+
+Validation:
+
+{metric_table("validation")}
+
+Test:
+
+{metric_table("test")}
+
+## Training
+
+```bash
+{command}
+```
+
+| setting | value |
+|---|---|
+{hyper}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    return ModelCard(content)
+
+
+def model_files(model_dir: str | Path) -> list[str]:
+    """List the files of a model folder that belong on the Hub (weights, config, card, metrics, plots)."""
+    root = Path(model_dir)
+    names = {n for n in MODEL_FILES if (root / n).is_file()}
+    for pattern in MODEL_PATTERNS:
+        names.update(p.name for p in root.glob(pattern))
+    return sorted(names)
+
+
+def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the model repo and upload the model folder's Hub files; return the repo URL."""
+    from huggingface_hub import HfApi
+
+    root = Path(model_dir)
+    missing = [n for n in ("config.json", "model.safetensors") if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks {', '.join(missing)}: train a model first (ham-hf train) or pass its folder")
+    api = HfApi(token=token)  # token None: HF_TOKEN or the saved login; never logged
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    files = model_files(root)
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(root), allow_patterns=files,
+                      commit_message="Upload HAM10000 classifier")
+    logger.info("pushed %d files to %s", len(files), url)
+    return str(url)

@@ -92,3 +92,50 @@ def real_ham(real_ham_dir):
     from ham_hf import data
 
     return data.read_ham10000(real_ham_dir)
+
+
+def make_tiny_backbone(folder: Path, image_size: int = 40) -> Path:
+    """Save a tiny randomly initialised timm model with a 1,000-class head, in timm's Hub format."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, image_size, image_size))
+    save_for_hf(model, str(folder), safe_serialization=True)
+    return folder
+
+
+def train_argv(data_dir, backbone, output_dir, *extra) -> list[str]:
+    """Arguments of a fast `ham-hf train` run on a tiny model."""
+    return ["train", "--data", str(data_dir), "--model_name_or_path", str(backbone), "--output_dir", str(output_dir),
+            "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--seed", "0", *map(str, extra)]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A tiny ImageNet-style backbone folder (config.json + model.safetensors, 1,000 labels)."""
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, ham_dir_ro, tiny_backbone) -> Path:
+    """A tiny model fine-tuned once by `ham-hf train` on the synthetic data: a complete output folder."""
+    from ham_hf.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    assert main(train_argv(ham_dir_ro, tiny_backbone, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_images(real_ham_dir) -> dict[str, Path]:
+    """One real HAM10000 image path per class (the first listed in the metadata)."""
+    chosen: dict[str, Path] = {}
+    with (real_ham_dir / "HAM10000_metadata.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            if row["dx"] not in chosen:
+                chosen[row["dx"]] = next(real_ham_dir.glob(f"HAM10000_images_part_*/{row['image_id']}.jpg"))
+    return chosen

@@ -1,0 +1,58 @@
+"""Classification metrics through `evaluate`, from the project's own metric module (loaded by path).
+
+`evaluate.load("accuracy")` would fetch a script from the Hub; this module ships with the package
+so metrics work offline.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ham_hf.labels import CLASS_CODES
+
+METRIC_PATH = Path(__file__).parent / "evaluate_modules" / "ham10000_metrics"
+# The model-selection metric: mean per-class recall, the ISIC 2018 challenge score.
+SELECTION_METRIC = "balanced_accuracy"
+
+
+@lru_cache(maxsize=1)
+def load_metric():
+    """Load the ham10000_metrics evaluate module from its path in the package."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_PATH))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def compute(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """Return the full metric dict (scalars, per_class, confusion_matrix) for probabilities and labels."""
+    return load_metric().compute(
+        predictions=np.asarray(probabilities, dtype=np.float32), references=np.asarray(labels), label_names=list(CLASS_CODES)
+    )
+
+
+def flatten(result: dict) -> dict[str, float]:
+    """Flatten a metric dict into scalars for Trainer logs (recall_mel, f1_nv, ...)."""
+    flat = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    for name, scores in result.get("per_class", {}).items():
+        for key in ("precision", "recall", "f1"):
+            flat[f"{key}_{name}"] = scores[key]
+    return flat
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    """Trainer hook: logits + labels -> flat metrics."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return flatten(compute(softmax(logits), labels))

@@ -1,0 +1,129 @@
+"""The classifier: a timm model as transformers' `TimmWrapperForImageClassification` with a 7-class head.
+
+The backbone comes from a Hub id (`timm/resnet50.a1_in1k`) or a local timm/Hub folder
+(config.json + model.safetensors). Image size, interpolation, mean and std always come from the
+model's own pretrained config (`data_config`), never from constants.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ham_hf.labels import CLASS_CODES, id2label, label2id
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "timm/resnet50.a1_in1k"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What preprocessing the model expects: eval crop `size` out of a `resize` square, mean/std."""
+
+    size: int
+    resize: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_model(name_or_path: str, image_size: int | None = None):
+    """Load a backbone or a fine-tuned model with the 7 HAM10000 classes as its labels.
+
+    A backbone with another head (ImageNet's 1,000 classes) gets a new 7-class head. `image_size`
+    overrides the training/eval resolution recorded in the model's pretrained config.
+    """
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    config = TimmWrapperConfig.from_pretrained(name_or_path)
+    fine_tuned = list(config.id2label.values()) == list(CLASS_CODES)
+    if fine_tuned and image_size is None:
+        return TimmWrapperForImageClassification.from_pretrained(name_or_path)
+    # The trap: an ImageNet folder carries 1,000 `label_names`; left in the config they would be
+    # saved again and the pipeline would answer LABEL_0..LABEL_6. Replace them with ours.
+    config.label_names = list(CLASS_CODES)
+    config.num_labels = len(CLASS_CODES)
+    config.id2label, config.label2id = id2label(), label2id()
+    # timm's own save_for_hf records num_classes in model_args too; it would clash with ours.
+    config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"} or None
+    if image_size:
+        cfg = dict(config.pretrained_cfg or {})
+        cfg["input_size"] = (3, image_size, image_size)
+        cfg.pop("test_input_size", None)
+        config.pretrained_cfg = cfg
+    model = TimmWrapperForImageClassification.from_pretrained(
+        name_or_path, config=config, ignore_mismatched_sizes=not fine_tuned
+    )
+    if not fine_tuned:
+        logger.info("new %d-class head on %s", len(CLASS_CODES), name_or_path)
+    return model
+
+
+def is_fine_tuned(name_or_path: str) -> bool:
+    """Whether a model's config already names the 7 HAM10000 classes in order."""
+    from transformers import TimmWrapperConfig
+
+    return list(TimmWrapperConfig.from_pretrained(name_or_path).id2label.values()) == list(CLASS_CODES)
+
+
+def data_config(model) -> DataConfig:
+    """Resolve the model's preprocessing (timm's eval transform: resize to size/crop_pct, centre crop)."""
+    import timm.data
+
+    # The config's pretrained_cfg is what is saved and what the pipeline's image processor reads.
+    cfg = timm.data.resolve_data_config({}, pretrained_cfg=dict(model.config.pretrained_cfg or {}))
+    size = int(cfg["input_size"][-1])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    return DataConfig(
+        size=size,
+        resize=math.floor(size / crop_pct),
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+    )
+
+
+def head(model) -> nn.Module:
+    """Return the classifier head module of the timm model."""
+    return model.timm_model.get_classifier()
+
+
+def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Return (backbone parameters, head parameters)."""
+    head_ids = {id(p) for p in head(model).parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
+
+
+def set_backbone_trainable(model, trainable: bool) -> None:
+    """Freeze or unfreeze every parameter outside the head."""
+    backbone, _ = split_parameters(model)
+    for p in backbone:
+        p.requires_grad_(trainable)
+
+
+def backbone_is_frozen(model) -> bool:
+    """Whether no backbone parameter takes gradients."""
+    backbone, _ = split_parameters(model)
+    return not any(p.requires_grad for p in backbone)
+
+
+def freeze_backbone_norms(model) -> None:
+    """Put the backbone's normalisation layers in eval mode (a frozen backbone keeps its statistics)."""
+    head_modules = set(head(model).modules())
+    for module in model.timm_model.modules():
+        if module not in head_modules and isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
+
+
+def cast_for_storage(model, dtype: torch.dtype | None) -> None:
+    """Cast floating parameters (not buffers such as BN running stats, which may overflow fp16) to dtype."""
+    if dtype is None:
+        return
+    for p in model.parameters():
+        p.data = p.data.to(dtype)

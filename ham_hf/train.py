@@ -1,0 +1,313 @@
+"""Fine-tune a timm model on HAM10000 through the transformers Trainer (Accelerate underneath).
+
+    ham-hf train --data data/ham10000 --output_dir outputs/resnet50 \
+        --model_name_or_path ../shared/weights/resnet50-imagenet
+    accelerate launch -m ham_hf.cli train --data data/ham10000 --output_dir outputs/resnet50   # several GPUs
+    ham-hf train config.json                                                                # all options from JSON
+
+Recipe: head only for `--freeze_backbone_epochs`, then the whole network with the backbone at
+`--backbone_lr_multiplier` times the head's learning rate; AdamW with warm-up and a cosine
+schedule; class-weighted cross-entropy; augmentation on the device; the checkpoint with the best
+validation balanced accuracy is kept, and the test split is scored once, at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments, set_seed
+
+from ham_hf import data, hub, metrics, model as model_lib, report
+from ham_hf.labels import CLASS_CODES
+from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which backbone to fine-tune, at which resolution."""
+
+    model_name_or_path: str = field(
+        default=model_lib.DEFAULT_BACKBONE,
+        metadata={"help": "Hub id or local timm/Hub folder (config.json + model.safetensors) of the backbone."},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Train/eval resolution; default: the model's own pretrained config."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from."""
+
+    data: str = field(
+        default="data/ham10000",
+        metadata={"help": "A prepared dataset folder (ham-hf prepare), a raw folder, or a Hub dataset id."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation and test images."}
+    )
+    decode_threads: int | None = field(default=None, metadata={"help": "Threads for the one-off decode."})
+
+
+@dataclass
+class RecipeArguments:
+    """Transfer learning and class imbalance."""
+
+    freeze_backbone_epochs: float = field(
+        default=1.0, metadata={"help": "Train only the head for this many epochs, then unfreeze the backbone."}
+    )
+    backbone_lr_multiplier: float = field(
+        default=0.1, metadata={"help": "Backbone learning rate = this x the head's --learning_rate."}
+    )
+    class_weighting: str = field(
+        default="balanced",
+        metadata={"help": "Cross-entropy class weights from train counts: balanced | sqrt | none.",
+                  "choices": ["balanced", "sqrt", "none"]},
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy label smoothing."})
+    balanced_sampling: bool = field(
+        default=False, metadata={"help": "Sample training images class-balanced (with replacement)."}
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on GPU."})
+
+
+@dataclass
+class HamTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with this task's defaults."""
+
+    output_dir: str = field(default="outputs/ham10000-resnet50", metadata={"help": "Where the model and reports go."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Head learning rate (AdamW)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    num_train_epochs: float = field(default=12, metadata={"help": "Epochs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device."})
+    per_device_eval_batch_size: int = field(default=128, metadata={"help": "Eval batch size per device."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a value < 1 is a share of all)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on validation."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best is kept too)."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best validation checkpoint."})
+    metric_for_best_model: str | None = field(default=metrics.SELECTION_METRIC, metadata={"help": "Selection metric."})
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Selection metric: higher is better."})
+    logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep inputs as they are."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Images are decoded already: 0 is enough."})
+    dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={"help": "Pin host memory (GPU)."})
+
+
+def class_weights(labels: torch.Tensor, mode: str, num_classes: int = len(CLASS_CODES)) -> torch.Tensor | None:
+    """Cross-entropy weights from train counts, scaled so an average training image weighs 1."""
+    if mode == "none":
+        return None
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    if mode == "sqrt":
+        w = w.sqrt()
+    w = w / ((w * counts).sum() / counts.sum())
+    return w.float()
+
+
+class HamTrainer(Trainer):
+    """Trainer with on-device preprocessing, weighted cross-entropy, head/backbone learning rates and freezing."""
+
+    def __init__(self, *args, preprocess: Preprocess, recipe: RecipeArguments | None = None,
+                 loss_weights: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.preprocess = preprocess.to(self.args.device)
+        self.recipe = recipe or RecipeArguments(freeze_backbone_epochs=0)
+        self.loss_weights = loss_weights.to(self.args.device) if loss_weights is not None else None
+        self.backbone_frozen = False
+        # The loss is a per-batch mean: let the Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    def _unwrapped(self):
+        """The bare TimmWrapper model (without DDP or compile wrappers)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def _sync_freeze(self) -> None:
+        """Freeze the backbone while epoch < freeze_backbone_epochs; unfreeze after (resume-safe)."""
+        frozen = (self.state.epoch or 0.0) < self.recipe.freeze_backbone_epochs - 1e-9
+        if frozen != self.backbone_frozen:
+            model_lib.set_backbone_trainable(self._unwrapped(), not frozen)
+            self.backbone_frozen = frozen
+            logger.info("epoch %.2f: backbone %s", self.state.epoch or 0.0, "frozen (head only)" if frozen else "trainable")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One optimisation step, after applying the freeze schedule."""
+        self._sync_freeze()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Preprocess the uint8 batch on the device, forward, and return weighted cross-entropy."""
+        if model.training and self.backbone_frozen:
+            model_lib.freeze_backbone_norms(self._unwrapped())
+        pixel_values = self.preprocess(inputs["pixel_values"], train=model.training)
+        outputs = model(pixel_values=pixel_values)
+        loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], weight=self.loss_weights,
+                               label_smoothing=self.recipe.label_smoothing)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        """AdamW (or --optim) with the head at --learning_rate and the backbone at a multiple of it.
+
+        Every parameter is in the optimizer from the start, frozen or not, so unfreezing later needs
+        no new optimizer (a frozen parameter has no gradient and is skipped).
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        backbone, head = model_lib.split_parameters(self._unwrapped())
+        decay = set(self.get_decay_parameter_names(opt_model))
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        groups = []
+        for params, lr in ((backbone, self.args.learning_rate * self.recipe.backbone_lr_multiplier),
+                           (head, self.args.learning_rate)):
+            for wd, keep in ((self.args.weight_decay, True), (0.0, False)):
+                chosen = [p for p in params if (names.get(id(p)) in decay) == keep]
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr, "weight_decay": wd})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Class-balanced sampling when asked for; the Trainer's default otherwise."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.recipe.balanced_sampling:
+            return super()._get_train_sampler(train_dataset)
+        counts = torch.bincount(dataset.labels, minlength=len(CLASS_CODES)).double()
+        weights = (1.0 / counts.clamp(min=1))[dataset.labels]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return torch.utils.data.WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
+
+
+def _auto_precision(args: HamTrainingArguments) -> HamTrainingArguments:
+    """Use bf16 on a GPU that supports it unless a precision was chosen."""
+    if not (args.bf16 or args.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        logger.info("bf16 mixed precision on %s", torch.cuda.get_device_name())
+        return dataclasses.replace(args, bf16=True)
+    return args
+
+
+def _resume_target(value: str | bool | None):
+    """Map --resume_from_checkpoint: a path, or true/latest for the newest checkpoint in output_dir."""
+    if isinstance(value, str) and value.lower() in ("true", "latest", "last"):
+        return True
+    return value or None
+
+
+def load_cached_splits(data_args: DataArguments, split_args: data.SplitArguments, dc: model_lib.DataConfig):
+    """Load the DatasetDict and decode every split once; return (DatasetDict, {split: CachedImages})."""
+    dsd = data.load_splits(data_args.data, split_args)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+              "test": data_args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit is not None and len(dsd[name]) > limit:
+            dsd[name] = dsd[name].select(range(limit))
+    cached = {name: cache_split(dsd[name], dc, data_args.decode_threads) for name in data.SPLITS if len(dsd[name])}
+    logger.info("decoded %s at %dpx", {k: len(v) for k, v in cached.items()}, dc.resize)
+    return dsd, cached
+
+
+def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augment) -> HamTrainer:
+    """Assemble the HamTrainer for a model and decoded splits."""
+    if recipe.channels_last and torch.cuda.is_available():
+        model = model.to(memory_format=torch.channels_last)
+    train_ds = cached.get("train")
+    weights = class_weights(train_ds.labels, recipe.class_weighting) if train_ds is not None else None
+    if weights is not None:
+        logger.info("class weights %s", dict(zip(CLASS_CODES, [round(w, 3) for w in weights.tolist()])))
+    return HamTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=cached.get("validation"),
+        compute_metrics=metrics.compute_metrics, preprocess=Preprocess(dc, augment), recipe=recipe,
+        loss_weights=weights,
+    )
+
+
+def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Path) -> dict:
+    """Predict a split with the trainer and write its reports; return the metric dict."""
+    out = trainer.predict(dataset, metric_key_prefix=split)
+    probs = metrics.softmax(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
+    return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArguments, augment: AugmentArguments,
+        split_args: data.SplitArguments, args: HamTrainingArguments, command: str | None = None) -> dict:
+    """Train, keep the best validation checkpoint, score validation and (once) test, write the output folder."""
+    args = _auto_precision(args)
+    push_to = args.hub_model_id if args.push_to_hub else None
+    if push_to is not None or args.push_to_hub:
+        # The Trainer would push every checkpoint; the finished folder is pushed once, at the end.
+        args = dataclasses.replace(args, push_to_hub=False)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    model = model_lib.load_model(model_args.model_name_or_path, model_args.image_size)
+    dc = model_lib.data_config(model)
+    dsd, cached = load_cached_splits(data_args, split_args, dc)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data.write_split_file(dsd, output_dir / data.SPLIT_FILE)
+
+    trainer = build_trainer(model, args, dc, cached, recipe, augment)
+    train_result = trainer.train(resume_from_checkpoint=_resume_target(args.resume_from_checkpoint))
+    trainer.save_model()  # config.json + model.safetensors of the best checkpoint
+    trainer.save_state()
+    results = {k if k.startswith("train_") else f"train_{k}": v for k, v in train_result.metrics.items()}
+
+    final = {}
+    for split in ("validation", "test"):  # the test split is scored here, once
+        if split in cached:
+            final[split] = score(trainer, split, cached[split], output_dir)
+            results.update({f"{'eval' if split == 'validation' else 'test'}_{k}": v
+                            for k, v in metrics.flatten(final[split]).items()})
+    report.update_all_results(output_dir, results)
+    report.plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    card = hub.model_card(
+        final, base_model=model_args.model_name_or_path, dataset=data_args.data,
+        split_description=split_args.describe(), training=hub.training_summary(args, recipe, augment, dc, trainer),
+        command=command,
+    )
+    card.save(output_dir / "README.md")
+    logger.info("model and reports in %s", output_dir)
+    if push_to:
+        hub.push_model(output_dir, push_to, private=bool(args.hub_private_repo))
+    return results
+
+
+def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,
+                   split_args: data.SplitArguments | None = None, batch_size: int = 128) -> dict:
+    """Score a saved HAM10000 model on one split (or all) of any data source; write the same reports."""
+    import tempfile
+
+    import datasets
+
+    if not model_lib.is_fine_tuned(model_path):
+        raise data.DataError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
+                             "fine-tune it first with `ham-hf train`")
+    model = model_lib.load_model(model_path)
+    dc = model_lib.data_config(model)
+    dsd = data.load_splits(source, split_args)
+    if split == "all":
+        ds = datasets.concatenate_datasets([dsd[s] for s in data.SPLITS if len(dsd[s])])
+    elif split in dsd:
+        ds = dsd[split]
+    else:
+        raise data.DataError(f"no split {split!r} in {source}; choose one of {', '.join([*dsd, 'all'])}")
+    out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / f"eval-{split}"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _auto_precision(HamTrainingArguments(
+            output_dir=tmp, per_device_eval_batch_size=batch_size, eval_strategy="no", save_strategy="no",
+            load_best_model_at_end=False))
+        trainer = build_trainer(model, args, dc, {}, RecipeArguments(), AugmentArguments())
+        result = score(trainer, split, cache_split(ds, dc), out)
+    report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
+    return result

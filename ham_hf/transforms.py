@@ -1,0 +1,216 @@
+"""Decode once, augment on the device.
+
+CPU-side PIL augmentation is what limits a ResNet-50 fine-tune on a fast GPU, so training decodes
+every image once into a uint8 cache (short side resized to the model's eval resize, centre square
+kept: exactly the region timm's eval transform crops from), and then does all augmentation for a
+whole batch on the device in a few tensor operations:
+
+- random resized crop, rotation and horizontal / vertical flips as one affine warp (`grid_sample`);
+- colour jitter (brightness, contrast, saturation, hue) as per-image matrix operations.
+
+Evaluation takes the deterministic centre crop and normalises. Size, interpolation, mean and std
+come from the model's `DataConfig`, never from constants.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+from ham_hf.model import DataConfig
+
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass
+class AugmentArguments:
+    """Training augmentation, applied on the device to whole batches."""
+
+    crop_scale_min: float = field(default=0.35, metadata={"help": "Random resized crop: smallest area fraction."})
+    crop_ratio: float = field(default=4 / 3, metadata={"help": "Random resized crop: aspect ratios in [1/r, r]."})
+    rotation: float = field(default=180.0, metadata={"help": "Random rotation in degrees (+-); lesions have no up."})
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    vflip: float = field(default=0.5, metadata={"help": "Vertical flip probability."})
+    brightness: float = field(default=0.2, metadata={"help": "Colour jitter: brightness factor range (+-)."})
+    contrast: float = field(default=0.2, metadata={"help": "Colour jitter: contrast factor range (+-)."})
+    saturation: float = field(default=0.2, metadata={"help": "Colour jitter: saturation factor range (+-)."})
+    hue: float = field(default=0.02, metadata={"help": "Colour jitter: hue shift in turns (+-)."})
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
+    """Open an image (path, bytes or PIL) as RGB, EXIF-rotated; decode JPEGs at reduced size when large.
+
+    `reduce_to` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while keeping
+    its short side at least twice that size, so a 4000x3000 photo costs little more than a small one.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        if reduce_to and img.format == "JPEG" and min(img.size) > 4 * reduce_to:
+            img.draft("RGB", (2 * reduce_to, 2 * reduce_to))
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        # 16-bit, palette, CMYK, LA, RGBA ...: flatten onto white where there is transparency.
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8), "L")
+        img = img.convert("RGB")
+    return img
+
+
+def resize_square(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
+    """Resize the short side to `size` (timm's eval resize) and keep the centre square, as HWC uint8."""
+    w, h = img.size
+    # torchvision's Resize(int) arithmetic: the long side is truncated, not rounded.
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = img.resize(new, PIL_FILTERS.get(interpolation, Image.Resampling.BILINEAR))
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def decode_images(payloads: Sequence, size: int, interpolation: str, threads: int | None = None) -> torch.Tensor:
+    """Decode images (bytes, paths or PIL) into one uint8 tensor (N, size, size, 3), in threads."""
+    out = np.empty((len(payloads), size, size, 3), dtype=np.uint8)
+
+    def work(i: int) -> None:
+        out[i] = resize_square(load_rgb(payloads[i], reduce_to=size), size, interpolation)
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(len(payloads))))
+    return torch.from_numpy(out)
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """A decoded split: uint8 HWC images and labels, served as Trainer inputs."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], image_ids: Sequence[str] | None = None):
+        self.images = images
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.image_ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(self.labels))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def cache_split(dataset, data_config: DataConfig, threads: int | None = None) -> CachedImages:
+    """Decode a `datasets` split (image bytes untouched until now) into a CachedImages."""
+    import datasets
+
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    payloads = [img["bytes"] if img["bytes"] is not None else img["path"] for img in raw["image"]]
+    images = decode_images(payloads, data_config.resize, data_config.interpolation, threads)
+    return CachedImages(images, raw["label"], raw["image_id"])
+
+
+# ----------------------------------------------------------------------------- on-device preprocessing
+
+
+def _rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R 601) of a (B, 3, H, W) batch, keeping the channel dim."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _hue_matrices(shift: torch.Tensor) -> torch.Tensor:
+    """Per-image 3x3 RGB matrices that rotate hue by `shift` turns (YIQ rotation)."""
+    to_yiq = shift.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(2 * math.pi * shift), torch.sin(2 * math.pi * shift)
+    rot = torch.zeros(len(shift), 3, 3, device=shift.device, dtype=shift.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    return from_yiq @ rot @ to_yiq
+
+
+class Preprocess(nn.Module):
+    """uint8 HWC batches -> normalised float NCHW: augmented when training, centre-cropped otherwise."""
+
+    def __init__(self, data_config: DataConfig, augment: AugmentArguments | None = None):
+        super().__init__()
+        self.data_config = data_config
+        self.augment = augment or AugmentArguments()
+        self.register_buffer("mean", torch.tensor(data_config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """Preprocess a (B, H, W, 3) uint8 batch on its device."""
+        x = images.permute(0, 3, 1, 2).float().div_(255)  # NHWC memory: a channels_last NCHW view
+        x = self.random_geometry(x) if train else self.center_crop(x)
+        if train:
+            x = self.colour_jitter(x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def center_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's eval centre crop of `size` out of the cached square."""
+        size, h, w = self.data_config.size, x.shape[-2], x.shape[-1]
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        return x[..., top : top + size, left : left + size]
+
+    def random_geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Random resized crop + rotation + flips in one affine warp per image."""
+        a, b, dev = self.augment, x.shape[0], x.device
+        area = torch.empty(b, device=dev).uniform_(a.crop_scale_min, 1.0)
+        log_r = math.log(max(a.crop_ratio, 1.0))
+        ratio = torch.exp(torch.empty(b, device=dev).uniform_(-log_r, log_r))
+        half_w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop half-extent in [-1, 1] coordinates
+        half_h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(b, device=dev) * 2 - 1) * (1 - half_w)
+        cy = (torch.rand(b, device=dev) * 2 - 1) * (1 - half_h)
+        angle = (torch.rand(b, device=dev) * 2 - 1) * math.radians(a.rotation)
+        fx = torch.where(torch.rand(b, device=dev) < a.hflip, -1.0, 1.0)
+        fy = torch.where(torch.rand(b, device=dev) < a.vflip, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [
+                torch.stack([cos * half_w * fx, -sin * half_h * fy, cx], dim=1),
+                torch.stack([sin * half_w * fx, cos * half_h * fy, cy], dim=1),
+            ],
+            dim=1,
+        )
+        size = self.data_config.size
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+        # Reflection fills the corners a rotation uncovers with skin rather than black.
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def colour_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Random brightness, contrast, saturation and hue, per image."""
+        a, b, dev = self.augment, x.shape[0], x.device
+
+        def factor(spread: float) -> torch.Tensor:
+            return torch.empty(b, 1, 1, 1, device=dev).uniform_(1 - spread, 1 + spread)
+
+        x = x * factor(a.brightness)
+        mean = _rgb_to_gray(x).mean(dim=(2, 3), keepdim=True)
+        x = (x - mean) * factor(a.contrast) + mean
+        gray = _rgb_to_gray(x)
+        x = (x - gray) * factor(a.saturation) + gray
+        if a.hue > 0:
+            m = _hue_matrices(torch.empty(b, device=dev).uniform_(-a.hue, a.hue))
+            x = torch.einsum("bij,bjhw->bihw", m, x)
+        return x.clamp_(0, 1)
