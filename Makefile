@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/ham-hf prepare --data-dir $(HAM10000_DIR) --output data/ham10000 --overwrite
+	$(BIN)/python app.py
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HAM10000_DIR=$(HAM10000_DIR) $(BIN)/python -m pytest

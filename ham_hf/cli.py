@@ -5,6 +5,7 @@
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
+    ham-hf export   --model DIR --output model.onnx
 
 Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
 """
@@ -89,7 +90,78 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class PredictArguments:
+    """Options of `ham-hf predict PATHS...`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    output: str = field(default="predictions.csv", metadata={"help": "CSV to write (one row per image)."})
+    tta: bool = field(default=False, metadata={"help": "Average 8 flipped / rotated views."})
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+
+
+def cmd_predict(argv: list[str]) -> int:
+    """Predict image files and folders into a CSV; unreadable files are reported and skipped."""
+    import csv
+
+    from ham_hf.inference import Classifier, list_images, predict_files
+
+    split_at = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    paths, (args,) = argv[:split_at], parse(argv[split_at:], PredictArguments)
+    files = list_images(paths)
+    if not files:
+        logger.error("no images given: ham-hf predict PATHS... --model MODEL (files or folders)")
+        return 2
+    rows, skipped = predict_files(Classifier(args.model), files, args.batch_size, args.tta)
+    if rows:
+        with open(args.output, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    logger.info("wrote %d predictions to %s; skipped %d unreadable file(s)", len(rows), args.output, len(skipped))
+    return 0 if rows else 1
+
+
+@dataclass
+class PushArguments:
+    """Options of `ham-hf push`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train."})
+    repo_id: str = field(metadata={"help": "Hub model repo, ORG/NAME."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private."})
+
+
+def cmd_push(argv: list[str]) -> int:
+    """Upload a model folder (weights, config, card, metrics, plots) to the Hub."""
+    from ham_hf import hub
+
+    (args,) = parse(argv, PushArguments)
+    hub.push_model(args.model, args.repo_id, private=args.private)
+    return 0
+
+
+@dataclass
+class ExportArguments:
+    """Options of `ham-hf export`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    output: str = field(default="model.onnx", metadata={"help": "ONNX file to write."})
+
+
+def cmd_export(argv: list[str]) -> int:
+    """Export a model to ONNX (float32, dynamic batch) for ONNX Runtime."""
+    from ham_hf import export, model as model_lib
+
+    (args,) = parse(argv, ExportArguments)
+    model = model_lib.load_model(args.model)
+    export.export_onnx(model, model_lib.data_config(model).size, args.output)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "predict": cmd_predict,
+    "push": cmd_push,
+    "export": cmd_export,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -103,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from ham_hf.data import DataError
+    from ham_hf.errors import UserError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except DataError as exc:
+    except (UserError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
 

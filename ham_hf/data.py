@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image as PILImage
 
+from ham_hf.errors import DataError
 from ham_hf.labels import CLASS_CODES
 
 logger = logging.getLogger(__name__)
@@ -40,10 +41,6 @@ SPLIT_FILE = "split.csv"
 DUPLICATES_FILE = "duplicates.json"
 # How many offending ids an error message lists before it says "and N more".
 _MAX_LISTED = 10
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the problem and the offending ids or paths."""
 
 
 def features():

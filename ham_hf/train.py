@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, model as model_lib, report
+from ham_hf.errors import ModelError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
 
@@ -291,7 +292,7 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
     import datasets
 
     if not model_lib.is_fine_tuned(model_path):
-        raise data.DataError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
+        raise ModelError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
                              "fine-tune it first with `ham-hf train`")
     model = model_lib.load_model(model_path)
     dc = model_lib.data_config(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -24,9 +25,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from ham_hf.errors import ImageError
 from ham_hf.model import DataConfig
 
 PIL_FILTERS = {
@@ -56,19 +58,48 @@ class AugmentArguments:
 
 # ----------------------------------------------------------------------------- decoding
 
+# Images above this many pixels are refused before decoding (decompression-bomb guard).
+MAX_PIXELS = 64_000_000
+
+
+def _open(source) -> Image.Image:
+    """Open (header only) a path or bytes, turning every failure into an ImageError."""
+    name = "the upload" if isinstance(source, (bytes, bytearray)) else os.path.basename(str(source))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name} is too large to decode safely (over {MAX_PIXELS // 1_000_000} megapixels).") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image that can be read (use JPEG, PNG, BMP, TIFF or WebP).") from None
+    except OSError as exc:
+        raise ImageError(f"{name} could not be opened: {exc}.") from None
+    if img.width * img.height > MAX_PIXELS:
+        raise ImageError(f"{name} is {img.width}x{img.height} pixels, too large to decode safely "
+                         f"(limit {MAX_PIXELS // 1_000_000} megapixels); resize it first.")
+    return img
+
 
 def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
     """Open an image (path, bytes or PIL) as RGB, EXIF-rotated; decode JPEGs at reduced size when large.
 
     `reduce_to` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while keeping
     its short side at least twice that size, so a 4000x3000 photo costs little more than a small one.
+    Raises ImageError with a readable message for anything that is not a usable image.
     """
     if isinstance(source, Image.Image):
         img = source
     else:
-        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        img = _open(source)
         if reduce_to and img.format == "JPEG" and min(img.size) > 4 * reduce_to:
             img.draft("RGB", (2 * reduce_to, 2 * reduce_to))
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"the image file is damaged or incomplete ({exc}).") from None
+    if img.width < 1 or img.height < 1:
+        raise ImageError("the image is empty (zero pixels).")
     img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         # 16-bit, palette, CMYK, LA, RGBA ...: flatten onto white where there is transparency.
@@ -76,8 +107,9 @@ def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grey: scale 0..65535 to 0..255 (Pillow's own convert would clip at 255).
             arr = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8), "L")
+            img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
         img = img.convert("RGB")
     return img
 
@@ -89,7 +121,7 @@ def resize_square(img: Image.Image, size: int, interpolation: str) -> np.ndarray
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     img = img.resize(new, PIL_FILTERS.get(interpolation, Image.Resampling.BILINEAR))
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def decode_images(payloads: Sequence, size: int, interpolation: str, threads: int | None = None) -> torch.Tensor:

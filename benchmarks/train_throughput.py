@@ -1,0 +1,116 @@
+"""Training throughput of the whole pipeline against the model's bare train step, in one run.
+
+    .venv/bin/python benchmarks/train_throughput.py --data ../shared/data/ham10000 \
+        --model ../shared/weights/resnet50-imagenet --batch-size 16 --steps 6          # this CPU
+    python benchmarks/train_throughput.py --data ham10000 --model resnet50-imagenet \
+        --batch-size 256 --steps 60                                                     # a GPU
+
+"Pipeline" is `HamTrainer` as `ham-hf train` runs it (batches of the decoded uint8 cache ->
+host-to-device copy -> on-device augmentation -> forward / backward / AdamW step, bf16 and
+channels_last on a GPU), backbone unfrozen. "Bare" is the same model's forward / backward / step
+on synthetic tensors already on the device. The one-off decode of the images is timed apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from ham_hf import data, model as model_lib, train
+from ham_hf.transforms import AugmentArguments, cache_split
+
+logger = logging.getLogger("bench.train")
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of the optimisation steps after `warmup` steps."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step == self.warmup:
+            self.start = time.perf_counter()
+        elif state.global_step > self.warmup:
+            self.steps += 1
+            self.end = time.perf_counter()
+
+
+def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bool) -> float:
+    """Images/s of forward + backward + AdamW on synthetic on-device tensors."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).train()
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, 3, dc.size, dc.size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (batch_size,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits.float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Measure decode, pipeline and bare-step throughput and log them (and JSON with --json)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="HAM10000 folder or prepared dataset")
+    p.add_argument("--model", default=model_lib.DEFAULT_BACKBONE)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    model = model_lib.load_model(a.model, a.image_size)
+    dc = model_lib.data_config(model)
+    n_images = a.batch_size * (a.steps + a.warmup + 1)
+    split = data.load_splits(a.data)["train"]
+    split = split.select(range(min(n_images, len(split))))
+    t0 = time.perf_counter()
+    cached = cache_split(split, dc)
+    decode_rate = len(cached) / (time.perf_counter() - t0)
+
+    args = train.HamTrainingArguments(
+        output_dir="/tmp/ham-bench", max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch_size,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10_000,
+        disable_tqdm=True)
+    args = train._auto_precision(args)
+    trainer = train.build_trainer(model, args, dc, {"train": cached},
+                                  train.RecipeArguments(freeze_backbone_epochs=0), AugmentArguments())
+    timer = StepTimer(a.warmup)
+    trainer.add_callback(timer)
+    trainer.train()
+    pipeline = a.batch_size * timer.steps / (timer.end - timer.start)
+    bare = bare_step_rate(model_lib.load_model(a.model, a.image_size), dc, a.batch_size, a.steps, a.warmup, args.bf16)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    figures = {"device": device, "image_size": dc.size, "batch_size": a.batch_size, "bf16": args.bf16,
+               "decode_images_per_s": round(decode_rate, 1), "pipeline_images_per_s": round(pipeline, 1),
+               "bare_step_images_per_s": round(bare, 1), "pipeline_share_of_bare": round(pipeline / bare, 3)}
+    logger.info("%s", json.dumps(figures))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Export a saved classifier to ONNX for fast CPU inference with ONNX Runtime.
+
+    ham-hf export --model DIR [--output DIR/model.onnx]
+
+The ONNX graph is always built here from the safetensors weights (never downloaded), and the
+inference module caches it by a digest of the weights, so a changed model is exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class _Logits(nn.Module):
+    """Wrap the transformers model so the exported graph maps pixel_values to logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+def weights_digest(model, size: int) -> str:
+    """A short digest of the weights and input size (the ONNX cache key)."""
+    h = hashlib.sha256(str(size).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def export_onnx(model, size: int, path: str | Path) -> Path:
+    """Write the model as ONNX (float32, dynamic batch) to path, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    dummy = torch.zeros(1, 3, size, size)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(_Logits(model), (dummy,), str(tmp), input_names=["pixel_values"], output_names=["logits"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    tmp.replace(path)
+    logger.info("exported ONNX model to %s", path)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX graphs are cached (HAM_HF_CACHE, else ~/.cache/ham_hf)."""
+    return Path(os.environ.get("HAM_HF_CACHE", Path.home() / ".cache" / "ham_hf")) / "onnx"
+
+
+def cached_onnx(model, size: int) -> Path:
+    """Return the cached ONNX export of these weights, exporting it first if needed."""
+    path = cache_dir() / f"{weights_digest(model, size)}.onnx"
+    return path if path.is_file() else export_onnx(model, size, path)

@@ -1,0 +1,141 @@
+"""The Gradio app, driven as users drive it: through gradio_client and through a real browser."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import app
+from ham_hf.inference import Classifier
+from ham_hf.labels import CLASS_CODES, display_name
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """The app on a free local port, around the tiny model; yields its URL."""
+    import os
+
+    os.environ.setdefault("HAM_HF_CACHE", str(tmp_path_factory.mktemp("ham_hf_cache")))
+    demo = app.create_demo(classifier=Classifier(str(tiny_model)))
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
+                max_file_size=f"{app.MAX_UPLOAD_MB}mb")
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served, verbose=False)
+
+
+def test_predict_through_gradio_client_on_a_real_image(client, real_images):
+    from gradio_client import handle_file
+
+    label, description = client.predict(handle_file(str(real_images["mel"])), False, api_name="/predict")
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(confidences) == {display_name(c) for c in CLASS_CODES}
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    assert label["label"] == max(confidences, key=confidences.get)
+    assert "Most likely" in description and "not a medical device" in description
+    heat = client.predict(handle_file(str(real_images["mel"])), api_name="/explain")
+    assert Image.open(heat).size[0] > 0
+
+
+def test_tta_toggle_through_the_api(client):
+    from gradio_client import handle_file
+
+    label, _ = client.predict(handle_file(str(app.EXAMPLES[0])), True, api_name="/predict")
+    assert len(label["confidences"]) == 7
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    good = app.EXAMPLES[0].read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good[: len(good) // 3])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(bomb)
+    return {"not an image": text, "damaged or incomplete": cut, "too large to decode safely": bomb}
+
+
+def test_bad_uploads_get_readable_errors_and_the_app_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+
+    for message, path in _bad_files(tmp_path).items():
+        with pytest.raises(Exception, match=message):
+            client.predict(handle_file(str(path)), False, api_name="/predict")
+        label, _ = client.predict(handle_file(str(app.EXAMPLES[1])), False, api_name="/predict")
+        assert len(label["confidences"]) == 7
+
+
+def test_odd_but_valid_images_are_served(client, tmp_path):
+    from gradio_client import handle_file
+
+    src = Image.open(app.EXAMPLES[2]).convert("RGB")
+    cases = {"grey.png": src.convert("L"), "alpha.png": src.convert("RGBA"), "cmyk.jpg": src.convert("CMYK"),
+             "dot.png": src.resize((1, 1))}
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        label, _ = client.predict(handle_file(str(tmp_path / name)), False, api_name="/predict")
+        assert sum(c["confidence"] for c in label["confidences"]) == pytest.approx(1.0, abs=1e-4), name
+
+
+def test_missing_upload_is_a_readable_error(tiny_model):
+    import gradio as gr
+
+    demo = app.create_demo(classifier=Classifier(str(tiny_model), backend="torch"))
+    predict = next(fn for fn in demo.fns.values() if fn.api_name == "predict").fn
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        predict(None, False)
+
+
+def test_start_without_a_model_explains_what_to_do(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("HAM_MODEL", raising=False)
+    monkeypatch.setattr(app, "DEFAULT_MODEL", tmp_path / "no-model")
+    assert app.main([]) == 2
+    assert "No model to serve" in caplog.text and "ham-hf train" in caplog.text
+
+
+def test_space_front_matter():
+    import yaml
+
+    text = (Path(app.__file__).parent / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    assert {"title", "emoji", "sdk_version", "license", "models", "datasets"} <= set(meta)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_upload_and_read_probabilities(served, real_images, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    image = tmp_path / "lesion.jpg"
+    shutil.copy(real_images["nv"], image)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(served)
+            expect(page.locator("#notice")).to_contain_text("not a medical device")
+            page.locator("#image input[type=file]").set_input_files(str(image))
+            page.locator("#classify").click()
+            result = page.locator("#probabilities")
+            expect(result).to_contain_text("%", timeout=30_000)
+            text = result.inner_text()
+            shown = [display_name(c) for c in CLASS_CODES if display_name(c) in text]
+            assert len(shown) == 7, text
+            expect(page.locator("#description")).to_contain_text("Most likely", timeout=30_000)
+        finally:
+            browser.close()
