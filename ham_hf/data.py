@@ -506,3 +506,40 @@ def load_splits(source: str | Path, split_args: SplitArguments | None = None):
     if detect_layout(source) == "saved":
         return datasets.load_from_disk(str(source))
     return split_dataset(read_source(source), split_args)
+
+
+# ----------------------------------------------------------------------------- exploration
+
+
+def metadata_frame(dataset):
+    """Return the metadata (no images) as a pandas DataFrame with a `dx` code column."""
+    frame = dataset.remove_columns("image").to_pandas()
+    frame["dx"] = [CLASS_CODES[i] for i in frame["label"]]
+    return frame
+
+
+def plain_split_leakage(dataset, args: SplitArguments | None = None) -> dict[str, int]:
+    """Count what a plain (not lesion-grouped) stratified split with the same fractions would leak.
+
+    Returns the number of lesions with images in more than one split, and how many validation /
+    test images have a sibling image of the same lesion in training.
+    """
+    from sklearn.model_selection import train_test_split
+
+    args = args or SplitArguments()
+    idx = np.arange(len(dataset))
+    labels = np.asarray(dataset["label"])
+    lesions = np.asarray(dataset["lesion_id"])
+    held_out = args.validation_fraction + args.test_fraction
+    train_idx, rest = train_test_split(idx, test_size=held_out, stratify=labels, random_state=args.split_seed)
+    train_lesions = set(lesions[train_idx])
+    splits_of: dict[str, set[int]] = defaultdict(set)
+    for i in train_idx:
+        splits_of[lesions[i]].add(0)
+    for i in rest:
+        splits_of[lesions[i]].add(1)
+    return {
+        "lesions_in_several_splits": sum(len(s) > 1 for s in splits_of.values()),
+        "held_out_images_with_lesion_in_train": int(sum(lesions[i] in train_lesions for i in rest)),
+        "held_out_images": int(len(rest)),
+    }

@@ -16,22 +16,19 @@ from ham_hf.labels import CLASS_CODES, LONG_NAMES
 logger = logging.getLogger(__name__)
 
 
-def _pyplot():
-    """Matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no global backend is touched (safe in threads and notebooks)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: str | Path, title: str = "Confusion matrix") -> Path:
     """Save a confusion-matrix heat map: colour is the row share (recall), text the count."""
-    plt = _pyplot()
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = _figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(CLASS_CODES)), CLASS_CODES)
     ax.set_yticks(range(len(CLASS_CODES)), CLASS_CODES)
@@ -45,17 +42,16 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: str | Path, title: 
     fig.colorbar(im, ax=ax, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
     """Save training loss per step and validation loss / balanced accuracy per evaluation."""
-    plt = _pyplot()
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     evals = [(h["step"], h.get("eval_loss"), h.get(f"eval_{metrics.SELECTION_METRIC}")) for h in log_history
              if "eval_loss" in h]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     if train:
         ax1.plot(*zip(*train), label="train loss")
     if evals:
@@ -70,7 +66,6 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
@@ -129,3 +124,39 @@ def update_all_results(output_dir: str | Path, results: dict) -> Path:
     current.update(results)
     path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def plot_image_grid(images: Sequence, titles: Sequence[str], ncols: int = 4, colours: Sequence[str] | None = None,
+                    size: float = 2.6):
+    """Return a matplotlib Figure showing images in a grid with a (coloured) title each."""
+    nrows = max(1, -(-len(images) // ncols))
+    fig = _figure(figsize=(size * ncols, size * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (ax, img, title) in enumerate(zip(axes.flat, images, titles)):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8, color=colours[k] if colours else "black")
+    fig.tight_layout()
+    return fig
+
+
+def prediction_titles(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """Titles ("true -> predicted (p)") and colours (green right, red wrong) for prediction-CSV rows."""
+    titles, colours = [], []
+    for r in rows:
+        p = float(r[f"prob_{r['predicted']}"])
+        titles.append(f"true {r['label']} -> {r['predicted']} ({p:.0%})")
+        colours.append("green" if r["label"] == r["predicted"] else "red")
+    return titles, colours
+
+
+def read_metrics(output_dir: str | Path, split: str) -> dict:
+    """Read a split's metrics JSON written by write_split_reports."""
+    return json.loads((Path(output_dir) / f"{split}_metrics.json").read_text())
+
+
+def read_predictions(output_dir: str | Path, split: str) -> list[dict]:
+    """Read a split's predictions CSV written by write_split_reports."""
+    with (Path(output_dir) / f"{split}_predictions.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,100 @@
+"""Load test: concurrent gradio_client clients against a local app (loopback only, bounded).
+
+    .venv/bin/python benchmarks/app_load.py --data-dir ../shared/data/ham10000 [--model DIR] \
+        [--clients 20] [--requests 10]
+
+Starts `app.py` in a subprocess on 127.0.0.1, then `--clients` threads each send `--requests`
+predictions (different real images) through `gradio_client`. Reports errors and p50 / p95
+latency as a client sees it (queueing included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import REPO, images, model_folder, summary
+
+logger = logging.getLogger("bench.load")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, timeout: float = 180) -> None:
+    """Wait until the app answers."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"app at {url} did not start in {timeout}s")
+
+
+def main() -> None:
+    """Run the load and log errors and latency."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--requests", type=int, default=10, help="per client")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gradio_client import Client, handle_file
+
+    port, folder = free_port(), model_folder(a.model)
+    url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", folder, "--port", str(port)],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_up(url)
+        files = images(a.data_dir, a.clients * a.requests)
+
+        def client_run(k: int) -> tuple[list[float], int]:
+            client = Client(url, verbose=False)
+            lat, errors = [], 0
+            for i in range(a.requests):
+                start = time.perf_counter()
+                try:
+                    label, _ = client.predict(handle_file(files[k * a.requests + i]), False, api_name="/predict")
+                    errors += len(label["confidences"]) != 7
+                except Exception:  # every failure counts, whatever its kind
+                    errors += 1
+                lat.append(time.perf_counter() - start)
+            return lat, errors
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(a.clients) as pool:
+            runs = list(pool.map(client_run, range(a.clients)))
+        wall = time.perf_counter() - start
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    latencies = [x for lat, _ in runs for x in lat]
+    result = {"clients": a.clients, "predictions": len(latencies), "errors": sum(e for _, e in runs),
+              "throughput_per_s": round(len(latencies) / wall, 1), **summary(latencies)}
+    logger.info("%s", json.dumps(result))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Helpers shared by the serving benchmarks."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
+
+
+def model_folder(model: str | None) -> str:
+    """The model to measure: the one given, or the shared ResNet-50 with a fresh 7-class head saved once."""
+    if model:
+        return model
+    from ham_hf.model import load_model
+
+    folder = Path(tempfile.gettempdir()) / "ham-bench-resnet50-7"
+    if not (folder / "model.safetensors").is_file():
+        load_model(str(SHARED_WEIGHTS)).save_pretrained(folder)
+    return str(folder)
+
+
+def images(data_dir: str, n: int) -> list[str]:
+    """The first n HAM10000 image paths (both part folders)."""
+    return [str(p) for p in sorted(Path(data_dir).glob("HAM10000_images_part_*/*.jpg"))[:n]]
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    """p50 / p95 / mean in milliseconds."""
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+            "mean_ms": round(float(ms.mean()), 1), "n": int(ms.size)}

@@ -1,0 +1,73 @@
+"""Per-image CPU latency of the app's predict path beside the stock pipeline, same model and images.
+
+    .venv/bin/python benchmarks/latency.py --data-dir ../shared/data/ham10000 [--model DIR] [--n 100]
+
+Each call classifies one image file from disk (decode + preprocess + forward + softmax):
+- "app (onnx)": `Classifier.predict`, the path the Gradio app runs (ONNX Runtime on the CPU);
+- "app (torch)": the same with the PyTorch backend (inference mode, channels_last);
+- "pipeline": `pipeline("image-classification", model=...)` on the same file.
+The largest probability difference between the paths is reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from common import images, model_folder, summary
+
+logger = logging.getLogger("bench.latency")
+
+
+def timed(fn, items, warmup: int = 5) -> list[float]:
+    """Time fn on each item after a warm-up; return seconds per call."""
+    for item in items[:warmup]:
+        fn(item)
+    out = []
+    for item in items:
+        start = time.perf_counter()
+        fn(item)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    """Measure and log the three paths side by side."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--model", default=None, help="default: the shared ResNet-50 with a 7-class head")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers import pipeline
+
+    from ham_hf.inference import Classifier
+    from ham_hf.labels import CLASS_CODES
+
+    folder, files = model_folder(a.model), images(a.data_dir, a.n)
+    fast, eager = Classifier(folder), Classifier(folder, backend="torch")
+    stock = pipeline("image-classification", model=folder)
+    results = {
+        "device": f"CPU ({torch.get_num_threads()} threads)", "image_size": fast.data_config.size,
+        f"app ({fast.backend})": summary(timed(lambda f: fast.predict([f]), files)),
+        "app (torch)": summary(timed(lambda f: eager.predict([f]), files)),
+        "pipeline": summary(timed(lambda f: stock(f, top_k=7), files)),
+    }
+    sample = files[:16]
+    ref = np.array([[{d["label"]: d["score"] for d in r}[c] for c in CLASS_CODES] for r in stock(sample, top_k=7)])
+    results["max_prob_diff_vs_pipeline"] = float(np.abs(fast.predict_proba(sample) - ref).max())
+    logger.info("%s", json.dumps(results))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
