@@ -11,7 +11,6 @@ latency as a client sees it (queueing included).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -20,9 +19,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import REPO, images, model_folder, summary
+from common import REPO, emit, images, model_folder, summary
 
-logger = logging.getLogger("bench.load")
 
 
 def free_port() -> int:
@@ -90,10 +88,7 @@ def main() -> None:
     latencies = [x for lat, _ in runs for x in lat]
     result = {"clients": a.clients, "predictions": len(latencies), "errors": sum(e for _, e in runs),
               "throughput_per_s": round(len(latencies) / wall, 1), **summary(latencies)}
-    logger.info("%s", json.dumps(result))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, a.json)
 
 
 if __name__ == "__main__":

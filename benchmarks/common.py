@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -33,3 +35,11 @@ def summary(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "mean_ms": round(float(ms.mean()), 1), "n": int(ms.size)}
+
+
+def emit(figures: dict, json_path: str | None) -> None:
+    """Log the figures as one JSON line, and write them to json_path when given."""
+    logging.getLogger("bench").info("%s", json.dumps(figures))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(figures, fh, indent=2)

@@ -12,16 +12,14 @@ The largest probability difference between the paths is reported as well.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import numpy as np
 import torch
 
-from common import images, model_folder, summary
+from common import emit, images, model_folder, summary
 
-logger = logging.getLogger("bench.latency")
 
 
 def timed(fn, items, warmup: int = 5) -> list[float]:
@@ -63,10 +61,7 @@ def main() -> None:
     sample = files[:16]
     ref = np.array([[{d["label"]: d["score"] for d in r}[c] for c in CLASS_CODES] for r in stock(sample, top_k=7)])
     results["max_prob_diff_vs_pipeline"] = float(np.abs(fast.predict_proba(sample) - ref).max())
-    logger.info("%s", json.dumps(results))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+    emit(results, a.json)
 
 
 if __name__ == "__main__":

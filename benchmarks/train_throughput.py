@@ -14,17 +14,16 @@ on synthetic tensors already on the device. The one-off decode of the images is 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import torch
 from transformers import TrainerCallback
 
+from common import emit
 from ham_hf import data, model as model_lib, train
 from ham_hf.transforms import AugmentArguments, cache_split
 
-logger = logging.getLogger("bench.train")
 
 
 class StepTimer(TrainerCallback):
@@ -106,10 +105,7 @@ def main() -> None:
     figures = {"device": device, "image_size": dc.size, "batch_size": a.batch_size, "bf16": args.bf16,
                "decode_images_per_s": round(decode_rate, 1), "pipeline_images_per_s": round(pipeline, 1),
                "bare_step_images_per_s": round(bare, 1), "pipeline_share_of_bare": round(pipeline / bare, 3)}
-    logger.info("%s", json.dumps(figures))
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(figures, fh, indent=2)
+    emit(figures, a.json)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def read_imagefolder(data_dir: str | Path):
     return _build(rows, paths)
 
 
-def from_hub_dataset(raw) -> "datasets.Dataset":  # noqa: F821
+def from_hub_dataset(raw):
     """Map a loaded dataset (or DatasetDict) with an `image` and a string `dx` column onto the schema."""
     import datasets
 

@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
@@ -170,8 +169,9 @@ class HamTrainer(Trainer):
         decay = set(self.get_decay_parameter_names(opt_model))
         names = {id(p): n for n, p in opt_model.named_parameters()}
         groups = []
-        for params, lr in ((backbone, self.args.learning_rate * self.recipe.backbone_lr_multiplier),
-                           (head, self.args.learning_rate)):
+        # Head first: the Trainer logs the first group's learning rate.
+        for params, lr in ((head, self.args.learning_rate),
+                           (backbone, self.args.learning_rate * self.recipe.backbone_lr_multiplier)):
             for wd, keep in ((self.args.weight_decay, True), (0.0, False)):
                 chosen = [p for p in params if (names.get(id(p)) in decay) == keep]
                 if chosen:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ham_hf import hub
 from ham_hf.cli import main
 from ham_hf.errors import ImageError, ModelError
 from ham_hf.inference import Classifier, Prediction, resolve_model, tta_views
