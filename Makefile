@@ -20,8 +20,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HAM10000_DIR=$(HAM10000_DIR) $(BIN)/python -m pytest
 
+# CPU benchmarks behind the README's figures (minutes; not part of the tests).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/prepare.py --data-dir $(HAM10000_DIR)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --data $(HAM10000_DIR) \
+		--model ../shared/weights/resnet50-imagenet --batch-size 16 --steps 6
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/latency.py --data-dir $(HAM10000_DIR) --n 100
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/app_load.py --data-dir $(HAM10000_DIR) --clients 20 --requests 10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

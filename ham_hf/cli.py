@@ -1,7 +1,7 @@
 """The `ham-hf` command: a thin face over the stages.
 
     ham-hf prepare  --data-dir DIR --output DIR [--push-to-hub ORG/NAME]
-    ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json)
+    ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
@@ -20,13 +20,24 @@ from typing import Callable
 logger = logging.getLogger("ham_hf")
 
 
+def json_to_argv(path: str) -> list[str]:
+    """Turn a JSON config file into command-line options (so later options can override it)."""
+    import json
+
+    argv: list[str] = []
+    for key, value in json.loads(open(path).read()).items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *map(str, values)]
+    return argv
+
+
 def parse(argv: list[str], *dataclass_types):
-    """Parse argv (or one JSON file) into the given dataclasses with HfArgumentParser."""
+    """Parse argv into the given dataclasses with HfArgumentParser; a leading config.json supplies defaults."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
+    if argv and argv[0].endswith(".json"):
+        argv = json_to_argv(argv[0]) + argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
 
 

@@ -241,3 +241,17 @@ def test_metric_module_loads_by_path_and_matches_sklearn():
     assert np.trace(np.array(r["confusion_matrix"])) == (pred == labels).sum()
     assert r["per_class"]["mel"]["support"] == 20
     assert metrics.load_metric().name == "ham10000_metrics"
+
+
+def test_json_config_with_overrides():
+    from ham_hf.cli import parse
+    from ham_hf import data as data_lib
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "resnet50.json"
+    model_args, data_args, recipe, augment, split, args = parse(
+        [str(config), "--num_train_epochs", "2", "--output_dir", "/tmp/x"], train.ModelArguments,
+        train.DataArguments, train.RecipeArguments, AugmentArguments, data_lib.SplitArguments,
+        train.HamTrainingArguments)
+    assert args.num_train_epochs == 2 and args.output_dir == "/tmp/x"  # the overrides win
+    assert args.per_device_train_batch_size == 128 and recipe.label_smoothing == 0.1  # from the file
+    assert model_args.model_name_or_path.endswith("resnet50-imagenet") and data_args.data == "data/ham10000"
