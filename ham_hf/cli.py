@@ -6,6 +6,7 @@
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
     ham-hf export   --model DIR --output model.onnx
+    ham-hf bundle   --model DIR --output models/ham10000-resnet50 [--dtype float16]
 
 Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
 """
@@ -169,7 +170,27 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class BundleArguments:
+    """Options of `ham-hf bundle`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train."})
+    output: str = field(default="models/ham10000-resnet50", metadata={"help": "Folder to write (the app's default)."})
+    dtype: str = field(default="float16", metadata={"help": "Storage dtype of weight tensors.",
+                                                    "choices": ["float16", "bfloat16", "float32"]})
+
+
+def cmd_bundle(argv: list[str]) -> int:
+    """Copy a trained model's Hub files into a compact folder (weights in half precision)."""
+    from ham_hf import hub
+
+    (args,) = parse(argv, BundleArguments)
+    hub.bundle(args.model, args.output, args.dtype)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "bundle": cmd_bundle,
     "predict": cmd_predict,
     "push": cmd_push,
     "export": cmd_export,

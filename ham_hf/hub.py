@@ -261,3 +261,28 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token
                       commit_message="Upload HAM10000 classifier")
     logger.info("pushed %d files to %s", len(files), url)
     return str(url)
+
+
+def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:
+    """Copy a model folder's Hub files to output, storing weight tensors in dtype (half the size).
+
+    Normalisation parameters and buffers stay float32: a batch-norm running variance can exceed the
+    float16 range. The config keeps dtype float32, so loaders compute in float32 as before.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(model_dir), Path(output)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in model_files(src):
+        if name != "model.safetensors":
+            shutil.copy2(src / name, dst / name)
+    target = getattr(torch, dtype)
+    tensors = load_file(str(src / "model.safetensors"))
+    # Convolution and linear weights are the bulk; anything 1-D (biases, norms, buffers) stays float32.
+    compact = {k: (v.to(target) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
+    save_file(compact, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    logger.info("bundled %s into %s (%s weights)", src, dst, dtype)
+    return dst

@@ -265,3 +265,20 @@ def test_export_cli_writes_onnx(tmp_path, tiny_model):
     size = json.loads((tiny_model / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
     logits = session.run(None, {"pixel_values": np.zeros((3, 3, size, size), np.float32)})[0]
     assert logits.shape == (3, 7)
+
+
+def test_bundle_halves_the_weights_and_keeps_predictions(tmp_path, tiny_model, clf_torch):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bundled"
+    assert main(["bundle", "--model", str(tiny_model), "--output", str(out)]) == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {str(v.dtype) for k, v in tensors.items() if v.ndim > 1} == {"torch.float16"}
+    running_vars = [v for k, v in tensors.items() if "running_var" in k]
+    assert running_vars and all(str(v.dtype) == "torch.float32" for v in running_vars)
+    assert (out / "README.md").is_file() and not list(out.glob("checkpoint-*"))
+    paths = [str(p) for p in EXAMPLES]
+    np.testing.assert_allclose(Classifier(str(out), backend="torch").predict_proba(paths),
+                               clf_torch.predict_proba(paths), atol=5e-3)
+    np.testing.assert_allclose(_pipeline_probs(out, [Image.open(p) for p in paths]),
+                               clf_torch.predict_proba(paths), atol=5e-3)
