@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from gradio_client import Client, handle_file
 
     port, folder = free_port(), model_folder(a.model)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ham_hf.labels import CLASS_CODES, id2label, label2id
+from ham_hf.labels import CLASS_CODES, LONG_NAMES, id2label, label2id
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def load_model(name_or_path: str, image_size: int | None = None):
     # The trap: an ImageNet folder carries 1,000 `label_names`; left in the config they would be
     # saved again and the pipeline would answer LABEL_0..LABEL_6. Replace them with ours.
     config.label_names = list(CLASS_CODES)
+    config.label_descriptions = dict(LONG_NAMES)  # not ImageNet's 1,000 descriptions
     config.num_labels = len(CLASS_CODES)
     config.id2label, config.label2id = id2label(), label2id()
     # timm's own save_for_hf records num_classes in model_args too; it would clash with ours.

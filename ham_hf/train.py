@@ -51,9 +51,11 @@ class DataArguments:
         default="data/ham10000",
         metadata={"help": "A prepared dataset folder (ham-hf prepare), a raw folder, or a Hub dataset id."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use a seeded random sample of N training images (quick runs)."}
+    )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N validation and test images."}
+        default=None, metadata={"help": "Use a seeded random sample of N validation and of N test images."}
     )
     decode_threads: int | None = field(default=None, metadata={"help": "Threads for the one-off decode."})
 
@@ -214,7 +216,8 @@ def load_cached_splits(data_args: DataArguments, split_args: data.SplitArguments
               "test": data_args.max_eval_samples}
     for name, limit in limits.items():
         if limit is not None and len(dsd[name]) > limit:
-            dsd[name] = dsd[name].select(range(limit))
+            # A random sample, not the first rows: the metadata is ordered by class.
+            dsd[name] = dsd[name].shuffle(seed=split_args.split_seed).select(range(limit))
     cached = {name: cache_split(dsd[name], dc, data_args.decode_threads) for name in data.SPLITS if len(dsd[name])}
     logger.info("decoded %s at %dpx", {k: len(v) for k, v in cached.items()}, dc.resize)
     return dsd, cached
