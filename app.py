@@ -108,6 +108,7 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None) 
                                interactive=False, elem_id="gradcam")
         if EXAMPLES:
             gr.Examples(examples=[[str(p), False] for p in EXAMPLES], inputs=[image, tta],
+                        example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
                         label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
         gr.Markdown(f"Model: `{clf.name}` · backend {clf.backend} · input {clf.data_config.size} px")
         event = button.click(predict, [image, tta], [probabilities, description], api_name="predict",
