@@ -239,8 +239,10 @@ def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augm
 
 
 def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Path) -> dict:
-    """Predict a split with the trainer and write its reports; return the metric dict."""
+    """Predict a split with the trainer (every process) and write its reports (main process); return the metrics."""
     out = trainer.predict(dataset, metric_key_prefix=split)
+    if not trainer.is_world_process_zero():
+        return {}
     probs = metrics.softmax(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
     return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids)
 
@@ -258,10 +260,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     model = model_lib.load_model(model_args.model_name_or_path, model_args.image_size)
     dc = model_lib.data_config(model)
     dsd, cached = load_cached_splits(data_args, split_args, dc)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data.write_split_file(dsd, output_dir / data.SPLIT_FILE)
-
     trainer = build_trainer(model, args, dc, cached, recipe, augment)
+    if trainer.is_world_process_zero():  # under accelerate launch, one process writes the files
+        output_dir.mkdir(parents=True, exist_ok=True)
+        data.write_split_file(dsd, output_dir / data.SPLIT_FILE)
     train_result = trainer.train(resume_from_checkpoint=_resume_target(args.resume_from_checkpoint))
     trainer.save_model()  # config.json + model.safetensors of the best checkpoint
     trainer.save_state()
@@ -273,6 +275,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
             final[split] = score(trainer, split, cached[split], output_dir)
             results.update({f"{'eval' if split == 'validation' else 'test'}_{k}": v
                             for k, v in metrics.flatten(final[split]).items()})
+    if not trainer.is_world_process_zero():
+        return results
     report.update_all_results(output_dir, results)
     report.plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     card = hub.model_card(

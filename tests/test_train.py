@@ -255,3 +255,25 @@ def test_json_config_with_overrides():
     assert args.num_train_epochs == 2 and args.output_dir == "/tmp/x"  # the overrides win
     assert args.per_device_train_batch_size == 128 and recipe.label_smoothing == 0.1  # from the file
     assert model_args.model_name_or_path.endswith("resnet50-imagenet") and data_args.data == "data/ham10000"
+
+
+@pytest.mark.slow
+def test_distributed_run_with_two_processes(tmp_path, ham_dir_ro, tiny_backbone):
+    """The multi-GPU path, run as two CPU processes (torchrun, gloo): DDP with the freeze phase, one writer."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ham_hf.cli",
+           *train_argv(ham_dir_ro, tiny_backbone, out, "--per_device_train_batch_size", "4",
+                       "--freeze_backbone_epochs", "1", "--ddp_find_unused_parameters", "true",
+                       "--ddp_backend", "gloo")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    train_size = sum(1 for r in csv.DictReader((out / "split.csv").open()) if r["split"] == "train")
+    # Two processes share each epoch: steps per epoch = ceil(train / (2 x 4)).
+    assert state["max_steps"] == 2 * -(-train_size // 8)
+    rows = list(csv.DictReader((out / "test_predictions.csv").open()))
+    assert len(rows) == sum(1 for r in csv.DictReader((out / "split.csv").open()) if r["split"] == "test")
+    assert json.loads((out / "config.json").read_text())["label_names"] == list(CLASS_CODES)
