@@ -86,11 +86,7 @@ class Classifier:
     """A HAM10000 classifier loaded once from a Hub id or a local folder."""
 
     def __init__(self, name_or_path: str, backend: str = "auto", device: str | None = None):
-        try:
-            fine_tuned = model_lib.is_fine_tuned(name_or_path)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load a model from {name_or_path!r}: {exc}") from None
-        if not fine_tuned:
+        if not model_lib.is_fine_tuned(name_or_path):
             raise ModelError(f"{name_or_path} is not a HAM10000 classifier (its labels are not "
                              f"{', '.join(CLASS_CODES)}); fine-tune it with `ham-hf train` first")
         from transformers import TimmWrapperForImageClassification

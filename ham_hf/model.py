@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ham_hf.errors import ModelError
 from ham_hf.labels import CLASS_CODES, LONG_NAMES, id2label, label2id
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def load_model(name_or_path: str, image_size: int | None = None):
     """
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-    config = TimmWrapperConfig.from_pretrained(name_or_path)
+    config = load_config(name_or_path)
     fine_tuned = list(config.id2label.values()) == list(CLASS_CODES)
     if fine_tuned and image_size is None:
         return TimmWrapperForImageClassification.from_pretrained(name_or_path)
@@ -65,11 +66,22 @@ def load_model(name_or_path: str, image_size: int | None = None):
     return model
 
 
-def is_fine_tuned(name_or_path: str) -> bool:
-    """Whether a model's config already names the 7 HAM10000 classes in order."""
+def load_config(name_or_path: str):
+    """Read a timm model's config from a folder or the Hub; a clear ModelError when it cannot be had."""
     from transformers import TimmWrapperConfig
 
-    return list(TimmWrapperConfig.from_pretrained(name_or_path).id2label.values()) == list(CLASS_CODES)
+    try:
+        return TimmWrapperConfig.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}). Offline, pass a local "
+            "folder with config.json + model.safetensors, e.g. --model_name_or_path ../shared/weights/resnet50-imagenet"
+        ) from None
+
+
+def is_fine_tuned(name_or_path: str) -> bool:
+    """Whether a model's config already names the 7 HAM10000 classes in order."""
+    return list(load_config(name_or_path).id2label.values()) == list(CLASS_CODES)
 
 
 def data_config(model) -> DataConfig:

@@ -277,3 +277,11 @@ def test_distributed_run_with_two_processes(tmp_path, ham_dir_ro, tiny_backbone)
     rows = list(csv.DictReader((out / "test_predictions.csv").open()))
     assert len(rows) == sum(1 for r in csv.DictReader((out / "split.csv").open()) if r["split"] == "test")
     assert json.loads((out / "config.json").read_text())["label_names"] == list(CLASS_CODES)
+
+
+def test_unreachable_backbone_names_the_offline_fix(tmp_path, ham_dir_ro, caplog):
+    argv = ["train", "--data", str(ham_dir_ro), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", "nobody/no-such-model"]
+    assert main(argv) == 2
+    assert "cannot load a model config from 'nobody/no-such-model'" in caplog.text
+    assert "--model_name_or_path ../shared/weights/resnet50-imagenet" in caplog.text
