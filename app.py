@@ -8,19 +8,25 @@ The model defaults to the bundled folder models/ham10000-resnet50 when there is 
 
 from __future__ import annotations
 
-import argparse
-import base64
-import logging
 import os
-import sys
-from pathlib import Path
 
-import gradio as gr
+# Set before PyTorch loads OpenMP: serving runs ONNX Runtime beside PyTorch preprocessing, and
+# PyTorch's OpenMP threads spin-waiting after each small op steal the cores from ONNX Runtime's
+# threads (about 10% of the latency on 2 cores; benchmarks/latency.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ham_hf.errors import ImageError, ModelError
-from ham_hf.explain import explain
-from ham_hf.inference import Classifier, Prediction, resolve_model
-from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name
+import argparse  # noqa: E402
+import base64  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from ham_hf.errors import ImageError, ModelError  # noqa: E402
+from ham_hf.explain import explain  # noqa: E402
+from ham_hf.inference import Classifier, Prediction, resolve_model  # noqa: E402
+from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name  # noqa: E402
 
 logger = logging.getLogger("ham_hf.app")
 

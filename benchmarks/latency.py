@@ -7,12 +7,16 @@ Each call classifies one image file from disk (decode + preprocess + forward + s
 - "app (torch)": the same with the PyTorch backend (inference mode, channels_last);
 - "pipeline": `pipeline("image-classification", model=...)` on the same file.
 The largest probability difference between the paths is reported as well.
+
+app.py sets OMP_WAIT_POLICY=PASSIVE for its process (PyTorch's spinning OpenMP threads slow ONNX
+Runtime down); run with `OMP_WAIT_POLICY=PASSIVE` for the app's setting, without it for the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import numpy as np
@@ -54,6 +58,7 @@ def main() -> None:
     stock = pipeline("image-classification", model=folder)
     results = {
         "device": f"CPU ({torch.get_num_threads()} threads)", "image_size": fast.data_config.size,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         f"app ({fast.backend})": summary(timed(lambda f: fast.predict([f]), files)),
         "app (torch)": summary(timed(lambda f: eager.predict([f]), files)),
         "pipeline": summary(timed(lambda f: stock(f, top_k=7), files)),
