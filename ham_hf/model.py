@@ -39,7 +39,7 @@ def load_model(name_or_path: str, image_size: int | None = None):
     A backbone with another head (ImageNet's 1,000 classes) gets a new 7-class head. `image_size`
     overrides the training/eval resolution recorded in the model's pretrained config.
     """
-    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+    from transformers import TimmWrapperForImageClassification
 
     config = load_config(name_or_path)
     fine_tuned = list(config.id2label.values()) == list(CLASS_CODES)
