@@ -11,7 +11,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ham_hf.errors import ModelError
@@ -120,23 +119,9 @@ def set_backbone_trainable(model, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
-def backbone_is_frozen(model) -> bool:
-    """Whether no backbone parameter takes gradients."""
-    backbone, _ = split_parameters(model)
-    return not any(p.requires_grad for p in backbone)
-
-
 def freeze_backbone_norms(model) -> None:
     """Put the backbone's normalisation layers in eval mode (a frozen backbone keeps its statistics)."""
     head_modules = set(head(model).modules())
     for module in model.timm_model.modules():
         if module not in head_modules and isinstance(module, nn.modules.batchnorm._NormBase):
             module.eval()
-
-
-def cast_for_storage(model, dtype: torch.dtype | None) -> None:
-    """Cast floating parameters (not buffers such as BN running stats, which may overflow fp16) to dtype."""
-    if dtype is None:
-        return
-    for p in model.parameters():
-        p.data = p.data.to(dtype)

@@ -38,7 +38,7 @@ def test_notebook_executes_top_to_bottom(real_ham_dir, tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
-    assert "lesions** in more than one split" in text
+    assert "lesions** in both training and the held-out splits" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 8  # plots, sample grid, curves, confusion matrix, predictions, Grad-CAM
     assert (tmp_path / "work" / "model" / "model.safetensors").is_file()
