@@ -6,8 +6,9 @@
         --batch-size 256 --steps 60                                                     # a GPU
 
 "Pipeline" is `HamTrainer` as `ham-hf train` runs it (batches of the decoded uint8 cache ->
-host-to-device copy -> on-device augmentation -> forward / backward / AdamW step, bf16 and
-channels_last on a GPU), backbone unfrozen. "Bare" is the same model's forward / backward / step
+host-to-device copy -> on-device augmentation -> forward / backward / AdamW step), backbone
+unfrozen, in each of --precisions (fp32, and bf16 autocast where the GPU or CPU runs it natively)
+and --memory-formats. "Bare" is the same model's forward / backward / step
 on synthetic tensors already on the device. The one-off decode of the images is timed apart.
 """
 
@@ -30,25 +31,28 @@ class StepTimer(TrainerCallback):
     """Wall time of the optimisation steps after `warmup` steps."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.steps = warmup, None, 0
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
+        # Synchronise only where the clock is read: a sync every step would stop the host from running
+        # ahead of the GPU, as it does in real training.
+        timed = state.global_step in (self.warmup, state.max_steps)
+        if timed and torch.cuda.is_available():
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.start = time.perf_counter()
         elif state.global_step > self.warmup:
             self.steps += 1
-            self.end = time.perf_counter()
+            if timed:
+                self.end = time.perf_counter()
 
 
-def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bool) -> float:
+def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bool, channels_last: bool) -> float:
     """Images/s of forward + backward + AdamW on synthetic on-device tensors."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).train()
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch_size, 3, dc.size, dc.size, device=device).contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).train().to(memory_format=fmt)
+    x = torch.randn(batch_size, 3, dc.size, dc.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 7, (batch_size,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for i in range(warmup + steps):
@@ -66,21 +70,43 @@ def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bo
     return batch_size * steps / (time.perf_counter() - start)
 
 
+def pipeline_rate(a, dc, cached, bf16: bool, channels_last: bool) -> float:
+    """Images/s of HamTrainer.train() as `ham-hf train` runs it (cache -> device -> augment -> step)."""
+    args = train.HamTrainingArguments(
+        output_dir="/tmp/ham-bench", max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch_size,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10_000,
+        disable_tqdm=True, report_to="none", bf16=bf16)
+    recipe = train.RecipeArguments(freeze_backbone_epochs=0, channels_last=channels_last)
+    trainer = train.build_trainer(model_lib.load_model(a.model, a.image_size, a.random_init), train.resolve_precision(args), dc,
+                                  {"train": cached}, recipe, AugmentArguments())
+    timer = StepTimer(a.warmup)
+    trainer.add_callback(timer)
+    trainer.train()
+    return a.batch_size * timer.steps / (timer.end - timer.start)
+
+
 def main() -> None:
-    """Measure decode, pipeline and bare-step throughput and log them (and JSON with --json)."""
+    """Measure decode, and pipeline and bare-step throughput per precision; log them (and JSON with --json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="HAM10000 folder or prepared dataset")
     p.add_argument("--model", default=model_lib.DEFAULT_BACKBONE)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32 / bf16 (bf16 where native)")
+    p.add_argument("--memory-formats", default="channels_last",
+                   help="comma list of channels_last / contiguous (each measured for every precision)")
+    p.add_argument("--random-init", action="store_true",
+                   help="build the model from --model's config.json alone (same speed, no weights needed)")
     p.add_argument("--json", default=None, help="also write the figures here")
     a = p.parse_args()
+    if a.steps < 1 or a.warmup < 1:
+        p.error("--steps and --warmup must be at least 1 (the timer starts after the warm-up)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    model = model_lib.load_model(a.model, a.image_size)
+    model = model_lib.load_model(a.model, a.image_size, a.random_init)
     dc = model_lib.data_config(model)
     n_images = a.batch_size * (a.steps + a.warmup + 1)
     split = data.load_splits(a.data)["train"]
@@ -89,22 +115,22 @@ def main() -> None:
     cached = cache_split(split, dc)
     decode_rate = len(cached) / (time.perf_counter() - t0)
 
-    args = train.HamTrainingArguments(
-        output_dir="/tmp/ham-bench", max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch_size,
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10_000,
-        disable_tqdm=True)
-    args = train._auto_precision(args)
-    trainer = train.build_trainer(model, args, dc, {"train": cached},
-                                  train.RecipeArguments(freeze_backbone_epochs=0), AugmentArguments())
-    timer = StepTimer(a.warmup)
-    trainer.add_callback(timer)
-    trainer.train()
-    pipeline = a.batch_size * timer.steps / (timer.end - timer.start)
-    bare = bare_step_rate(model_lib.load_model(a.model, a.image_size), dc, a.batch_size, a.steps, a.warmup, args.bf16)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    figures = {"device": device, "image_size": dc.size, "batch_size": a.batch_size, "bf16": args.bf16,
-               "decode_images_per_s": round(decode_rate, 1), "pipeline_images_per_s": round(pipeline, 1),
-               "bare_step_images_per_s": round(bare, 1), "pipeline_share_of_bare": round(pipeline / bare, 3)}
+    figures = {"device": train.device_name(), "image_size": dc.size, "batch_size": a.batch_size,
+               "threads": torch.get_num_threads(), "decode_images_per_s": round(decode_rate, 1)}
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else train.cpu_bf16_native()
+    for prec in a.precisions.split(","):
+        if prec == "bf16" and not native:
+            logging.warning("skipping bf16: %s has no native bf16", figures["device"])
+            continue
+        for fmt in a.memory_formats.split(","):
+            cl = fmt == "channels_last"
+            pipe = pipeline_rate(a, dc, cached, prec == "bf16", cl)
+            bare = bare_step_rate(model_lib.load_model(a.model, a.image_size, a.random_init), dc, a.batch_size, a.steps, a.warmup,
+                                  prec == "bf16", cl)
+            key = prec if fmt == "channels_last" else f"{prec}_{fmt}"
+            figures[key] = {"pipeline_images_per_s": round(pipe, 1), "bare_step_images_per_s": round(bare, 1),
+                            "pipeline_share_of_bare": round(pipe / bare, 3)}
+            logging.info("%s: %s", key, figures[key])
     emit(figures, a.json)
 
 

@@ -120,7 +120,7 @@ def training_summary(args, recipe, augment, dc, trainer) -> dict:
 
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     runtime = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     return {
         "image_size": dc.size, "epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size,

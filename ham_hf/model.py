@@ -32,17 +32,18 @@ class DataConfig:
     std: tuple[float, float, float]
 
 
-def load_model(name_or_path: str, image_size: int | None = None):
+def load_model(name_or_path: str, image_size: int | None = None, random_init: bool = False):
     """Load a backbone or a fine-tuned model with the 7 HAM10000 classes as its labels.
 
     A backbone with another head (ImageNet's 1,000 classes) gets a new 7-class head. `image_size`
-    overrides the training/eval resolution recorded in the model's pretrained config.
+    overrides the training/eval resolution recorded in the model's pretrained config. `random_init`
+    builds the architecture from config.json alone (speed measurements need no weights).
     """
     from transformers import TimmWrapperForImageClassification
 
     config = load_config(name_or_path)
     fine_tuned = list(config.id2label.values()) == list(CLASS_CODES)
-    if fine_tuned and image_size is None:
+    if fine_tuned and image_size is None and not random_init:
         return TimmWrapperForImageClassification.from_pretrained(name_or_path)
     # The trap: an ImageNet folder carries 1,000 `label_names`; left in the config they would be
     # saved again and the pipeline would answer LABEL_0..LABEL_6. Replace them with ours.
@@ -57,6 +58,8 @@ def load_model(name_or_path: str, image_size: int | None = None):
         cfg["input_size"] = (3, image_size, image_size)
         cfg.pop("test_input_size", None)
         config.pretrained_cfg = cfg
+    if random_init:
+        return TimmWrapperForImageClassification(config)
     model = TimmWrapperForImageClassification.from_pretrained(
         name_or_path, config=config, ignore_mismatched_sizes=not fine_tuned
     )
@@ -103,6 +106,17 @@ def data_config(model) -> DataConfig:
 def head(model) -> nn.Module:
     """Return the classifier head module of the timm model."""
     return model.timm_model.get_classifier()
+
+
+def add_to_head_bias(model, offset) -> None:
+    """Add a per-class offset to the classifier head's bias, in place (logit adjustment)."""
+    import torch
+
+    fc = head(model)
+    if getattr(fc, "bias", None) is None:
+        raise ModelError(f"the head of {type(model.timm_model).__name__} has no bias to fold a logit offset into")
+    with torch.no_grad():
+        fc.bias.add_(torch.as_tensor(offset, dtype=fc.bias.dtype, device=fc.bias.device))
 
 
 def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, model as model_lib, report
-from ham_hf.errors import ModelError
+from ham_hf.errors import ModelError, UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
 
@@ -79,7 +79,23 @@ class RecipeArguments:
     balanced_sampling: bool = field(
         default=False, metadata={"help": "Sample training images class-balanced (with replacement)."}
     )
-    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on GPU."})
+    logit_adjustment_tau: float = field(
+        default=0.0,
+        metadata={"help": "Post-hoc logit adjustment (Menon et al., ICLR 2021): subtract tau x log(train prior) "
+                          "from the logits for the decision, folded into the saved head's bias. Use with "
+                          "--class_weighting none (plain cross-entropy); 0 turns it off, 1 is the paper's choice."},
+    )
+    tune_logit_adjustment: bool = field(
+        default=False,
+        metadata={"help": "After training, choose tau from 0, 0.25, ..., 1 by validation balanced accuracy (ties go "
+                          "to the smaller tau, which keeps more accuracy); --logit_adjustment_tau is then the "
+                          "value used for checkpoint selection during training."},
+    )
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (GPU and CPU)."})
+
+    def __post_init__(self):
+        if self.logit_adjustment_tau < 0:
+            raise UserError(f"--logit_adjustment_tau must be >= 0 (got {self.logit_adjustment_tau})")
 
 
 @dataclass
@@ -102,8 +118,53 @@ class HamTrainingArguments(TrainingArguments):
     greater_is_better: bool | None = field(default=True, metadata={"help": "Selection metric: higher is better."})
     logging_steps: float = field(default=20, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep inputs as they are."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Images are decoded already: 0 is enough."})
+    # Images are decoded already, so workers only gather batches; on a GPU that gathering (tens of ms
+    # for 256 images) would otherwise stall every step, on the CPU it would compete for the cores.
+    dataloader_num_workers: int = field(
+        default=4 if torch.cuda.is_available() else 0,
+        metadata={"help": "Batch-gathering worker processes (default: 4 on a GPU, 0 on the CPU)."})
+    dataloader_persistent_workers: bool = field(
+        default=torch.cuda.is_available(), metadata={"help": "Keep the workers between epochs."})
     dataloader_pin_memory: bool = field(default=torch.cuda.is_available(), metadata={"help": "Pin host memory (GPU)."})
+    # transformers checks every step's loss for NaN/inf, reading it back from the device: a host sync per
+    # step that keeps the host from queueing the next step (about a quarter of a fast GPU's throughput).
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Drop non-finite losses from the logs (costs a device sync per step)."})
+    # None = automatic: bf16 autocast wherever the hardware runs bf16 natively (a recent GPU, or a CPU
+    # with AVX512-BF16 / AMX); `--bf16 false` keeps fp32, `--bf16 true` insists.
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (master weights stay fp32). Default: on where the GPU or CPU "
+                          "runs bf16 natively; false turns it off."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 and not (torch.cuda.is_available() and not self.use_cpu):
+            if not cpu_bf16_native():
+                raise UserError("--bf16 true: this CPU has no native bf16 (AVX512-BF16 or AMX), where autocast "
+                                "would be slower than fp32; drop --bf16 or pass --bf16 false")
+            self.use_cpu = True  # transformers takes CPU bf16 (Accelerate's CPU autocast) only with use_cpu
+        super().__post_init__()
+
+
+# The taus that --tune_logit_adjustment tries: coarse, so one validation split cannot over-fit it.
+TAU_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def log_prior(labels: torch.Tensor, num_classes: int = len(CLASS_CODES)) -> torch.Tensor:
+    """log of the class frequencies of `labels` (an absent class gets the log of half a count)."""
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp(min=0.5)
+    return (counts / counts.sum()).log().float()
+
+
+def choose_tau(logits: torch.Tensor, labels: torch.Tensor, log_prior_: torch.Tensor,
+               grid: tuple[float, ...] = TAU_GRID) -> tuple[float, dict[float, float]]:
+    """The tau of `grid` whose adjusted logits score the best balanced accuracy (ties: the smaller tau)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels).numpy()
+    scores = {tau: float(balanced_accuracy_score(labels, (logits - tau * log_prior_).argmax(1).numpy())) for tau in grid}
+    return max(grid, key=lambda tau: (round(scores[tau], 9), -tau)), scores
 
 
 def class_weights(labels: torch.Tensor, mode: str, num_classes: int = len(CLASS_CODES)) -> torch.Tensor | None:
@@ -122,11 +183,13 @@ class HamTrainer(Trainer):
     """Trainer with on-device preprocessing, weighted cross-entropy, head/backbone learning rates and freezing."""
 
     def __init__(self, *args, preprocess: Preprocess, recipe: RecipeArguments | None = None,
-                 loss_weights: torch.Tensor | None = None, **kwargs):
+                 loss_weights: torch.Tensor | None = None, logit_offset: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.preprocess = preprocess.to(self.args.device)
         self.recipe = recipe or RecipeArguments(freeze_backbone_epochs=0)
         self.loss_weights = loss_weights.to(self.args.device) if loss_weights is not None else None
+        # Logit adjustment: added to the logits for every decision (evaluation), never to the training loss.
+        self.logit_offset = logit_offset.to(self.args.device) if logit_offset is not None else None
         self.backbone_frozen = False
         # The loss is a per-batch mean: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
@@ -156,7 +219,29 @@ class HamTrainer(Trainer):
         outputs = model(pixel_values=pixel_values)
         loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], weight=self.loss_weights,
                                label_smoothing=self.recipe.label_smoothing)
+        if return_outputs and self.logit_offset is not None:
+            outputs.logits = outputs.logits.float() + self.logit_offset
         return (loss, outputs) if return_outputs else loss
+
+    def tune_logit_adjustment(self, dataset: CachedImages, log_prior_: torch.Tensor) -> float:
+        """Pick tau on `dataset` (validation) by balanced accuracy and make it the offset; return it."""
+        self.logit_offset = None  # raw logits
+        out = self.predict(dataset, metric_key_prefix="tau")
+        logits = torch.as_tensor(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
+        tau, scores = choose_tau(logits, dataset.labels, log_prior_)
+        logger.info("logit adjustment: validation balanced accuracy by tau %s; chosen tau %.2f",
+                    {t: round(v, 4) for t, v in scores.items()}, tau)
+        self.logit_offset = (-tau * log_prior_).to(self.args.device)
+        return tau
+
+    def fold_logit_adjustment(self) -> None:
+        """Add the logit offset to the head's bias (so the saved model decides adjusted) and stop adding it."""
+        if self.logit_offset is None:
+            return
+        model_lib.add_to_head_bias(self._unwrapped(), self.logit_offset)
+        logger.info("logit adjustment folded into the head bias: %s",
+                    dict(zip(CLASS_CODES, [round(v, 3) for v in self.logit_offset.tolist()])))
+        self.logit_offset = None
 
     def create_optimizer(self, model=None):
         """AdamW (or --optim) with the head at --learning_rate and the backbone at a multiple of it.
@@ -194,11 +279,32 @@ class HamTrainer(Trainer):
         return torch.utils.data.WeightedRandomSampler(weights, len(dataset), replacement=True, generator=generator)
 
 
-def _auto_precision(args: HamTrainingArguments) -> HamTrainingArguments:
-    """Use bf16 on a GPU that supports it unless a precision was chosen."""
-    if not (args.bf16 or args.fp16) and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        logger.info("bf16 mixed precision on %s", torch.cuda.get_device_name())
-        return dataclasses.replace(args, bf16=True)
+def device_name(args: TrainingArguments | None = None) -> str:
+    """The device training runs on, in words (GPU name, or CPU with its thread count)."""
+    if torch.cuda.is_available() and not (args is not None and args.use_cpu):
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 matrix work in hardware (AVX512-BF16 or AMX), as PyTorch detects it."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def precision(args: TrainingArguments) -> str:
+    """The precision a run uses, in words: bf16, fp16 or fp32."""
+    return "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
+
+
+def resolve_precision(args: HamTrainingArguments) -> HamTrainingArguments:
+    """Settle --bf16: automatic (None) means bf16 autocast where the GPU or the CPU runs it natively."""
+    if args.bf16 is None:
+        on_gpu = torch.cuda.is_available() and not args.use_cpu
+        native = torch.cuda.is_bf16_supported() if on_gpu else cpu_bf16_native()
+        args = dataclasses.replace(args, bf16=native and not args.fp16)  # __post_init__ checks it again
+    logger.info("%s on %s", "bf16 mixed precision" if args.bf16 else precision(args), device_name(args))
     return args
 
 
@@ -225,16 +331,27 @@ def load_cached_splits(data_args: DataArguments, split_args: data.SplitArguments
 
 def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augment) -> HamTrainer:
     """Assemble the HamTrainer for a model and decoded splits."""
-    if recipe.channels_last and torch.cuda.is_available():
+    if recipe.channels_last:  # faster on GPUs and on oneDNN CPUs alike (benchmarks/train_throughput.py)
         model = model.to(memory_format=torch.channels_last)
+    if args.dataloader_pin_memory and torch.cuda.is_available() and not args.use_cpu:
+        # Pinned batches copied without blocking: the next batch's copy overlaps the running step.
+        args.accelerator_config.non_blocking = True
+    if args.dataloader_num_workers == 0 and args.dataloader_persistent_workers:
+        args = dataclasses.replace(args, dataloader_persistent_workers=False)
     train_ds = cached.get("train")
     weights = class_weights(train_ds.labels, recipe.class_weighting) if train_ds is not None else None
     if weights is not None:
         logger.info("class weights %s", dict(zip(CLASS_CODES, [round(w, 3) for w in weights.tolist()])))
+    offset = None
+    if recipe.logit_adjustment_tau > 0 and train_ds is not None:
+        if recipe.class_weighting != "none" or recipe.balanced_sampling:
+            logger.warning("logit adjustment on top of class weighting / balanced sampling corrects the prior "
+                           "twice; the paper's recipe is --class_weighting none")
+        offset = -recipe.logit_adjustment_tau * log_prior(train_ds.labels)
     return HamTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=cached.get("validation"),
         compute_metrics=metrics.compute_metrics, preprocess=Preprocess(dc, augment), recipe=recipe,
-        loss_weights=weights,
+        loss_weights=weights, logit_offset=offset,
     )
 
 
@@ -250,7 +367,7 @@ def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Pa
 def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArguments, augment: AugmentArguments,
         split_args: data.SplitArguments, args: HamTrainingArguments, command: str | None = None) -> dict:
     """Train, keep the best validation checkpoint, score validation and (once) test, write the output folder."""
-    args = _auto_precision(args)
+    args = resolve_precision(args)
     push_to = args.hub_model_id if args.push_to_hub else None
     if push_to is not None or args.push_to_hub:
         # The Trainer would push every checkpoint; the finished folder is pushed once, at the end.
@@ -265,9 +382,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
         output_dir.mkdir(parents=True, exist_ok=True)
         data.write_split_file(dsd, output_dir / data.SPLIT_FILE)
     train_result = trainer.train(resume_from_checkpoint=_resume_target(args.resume_from_checkpoint))
+    results = {k if k.startswith("train_") else f"train_{k}": v for k, v in train_result.metrics.items()}
+    results.update(precision=precision(args), device=device_name(args))
+    if recipe.logit_adjustment_tau > 0 and recipe.tune_logit_adjustment and "validation" in cached:
+        tau = trainer.tune_logit_adjustment(cached["validation"], log_prior(cached["train"].labels))
+        results["logit_adjustment_tau"] = tau
+    elif recipe.logit_adjustment_tau > 0:
+        results["logit_adjustment_tau"] = recipe.logit_adjustment_tau
+    trainer.fold_logit_adjustment()  # before saving: pipeline(...) then decides adjusted with no custom code
     trainer.save_model()  # config.json + model.safetensors of the best checkpoint
     trainer.save_state()
-    results = {k if k.startswith("train_") else f"train_{k}": v for k, v in train_result.metrics.items()}
 
     final = {}
     for split in ("validation", "test"):  # the test split is scored here, once
@@ -312,7 +436,7 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
         raise data.DataError(f"no split {split!r} in {source}; choose one of {', '.join([*dsd, 'all'])}")
     out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / f"eval-{split}"
     with tempfile.TemporaryDirectory() as tmp:
-        args = _auto_precision(HamTrainingArguments(
+        args = resolve_precision(HamTrainingArguments(
             output_dir=tmp, per_device_eval_batch_size=batch_size, eval_strategy="no", save_strategy="no",
             load_best_model_at_end=False))
         trainer = build_trainer(model, args, dc, {}, RecipeArguments(), AugmentArguments())
