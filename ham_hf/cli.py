@@ -2,6 +2,7 @@
 
     ham-hf prepare  --data-dir DIR --output DIR [--push-to-hub ORG/NAME]
     ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
+    ham-hf tune     --data DIR --output_dir DIR [--n_trials 8] [--params learning_rate,...]
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
@@ -28,18 +29,22 @@ def json_to_argv(path: str) -> list[str]:
     argv: list[str] = []
     for key, value in json.loads(open(path).read()).items():
         values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *map(str, values)]
+        # A dict option (lr_scheduler_kwargs, ...) travels as JSON, which TrainingArguments parses back.
+        argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
     return argv
 
 
-def parse(argv: list[str], *dataclass_types):
-    """Parse argv into the given dataclasses with HfArgumentParser; a leading config.json supplies defaults."""
+def parse(argv: list[str], *dataclass_types, defaults: list[str] | None = None):
+    """Parse argv into the given dataclasses with HfArgumentParser; a leading config.json supplies defaults.
+
+    `defaults` (options) come first, so the config file and then the command line override them.
+    """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith(".json"):
         argv = json_to_argv(argv[0]) + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=[*(defaults or []), *argv])
 
 
 @dataclass
@@ -79,6 +84,18 @@ def cmd_train(argv: list[str]) -> int:
     parsed = parse(argv, train.ModelArguments, train.DataArguments, train.RecipeArguments, AugmentArguments,
                    data.SplitArguments, train.HamTrainingArguments)
     train.run(*parsed, command=shlex.join(["ham-hf", "train", *argv]))
+    return 0
+
+
+def cmd_tune(argv: list[str]) -> int:
+    """Search learning rates, regularisation and imbalance handling on validation (optuna)."""
+    from ham_hf import data, train, tune
+    from ham_hf.transforms import AugmentArguments
+
+    *parsed, tune_args = parse(argv, train.ModelArguments, train.DataArguments, train.RecipeArguments,
+                               AugmentArguments, data.SplitArguments, train.HamTrainingArguments, tune.TuneArguments,
+                               defaults=tune.TUNE_DEFAULTS)
+    tune.run(*parsed, tune_args)
     return 0
 
 
@@ -196,6 +213,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "export": cmd_export,
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "tune": cmd_tune,
     "evaluate": cmd_evaluate,
 }
 

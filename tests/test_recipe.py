@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -97,3 +98,74 @@ def test_tuned_logit_adjustment_records_a_grid_tau(tmp_path, ham_dir_ro, tiny_ba
 def test_negative_tau_is_refused(tmp_path, ham_dir_ro, tiny_backbone, caplog):
     argv = train_argv(ham_dir_ro, tiny_backbone, tmp_path / "o", "--logit_adjustment_tau", "-1")
     assert main(argv) == 2 and "--logit_adjustment_tau must be >= 0" in caplog.text
+
+
+# ----------------------------------------------------------------------------- ham-hf tune
+
+
+def test_tune_writes_trials_and_a_config_that_train_reads(tmp_path, ham_dir_ro, tiny_backbone):
+    import csv
+
+    from ham_hf import data, tune
+    from ham_hf.cli import parse
+    from ham_hf.transforms import AugmentArguments
+
+    out = tmp_path / "tune"
+    argv = ["tune", "--data", str(ham_dir_ro), "--model_name_or_path", str(tiny_backbone), "--output_dir", str(out),
+            "--n_trials", "2", "--image_size", "40", "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+            "--bf16", "false", "--params", "learning_rate,imbalance"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
+    assert {"params_learning_rate", "params_imbalance", "validation_balanced_accuracy"} <= set(rows[0])
+    best_row = max(rows, key=lambda r: float(r["validation_balanced_accuracy"]))
+    config = json.loads((out / "best_config.json").read_text())
+    assert config["learning_rate"] == pytest.approx(float(best_row["params_learning_rate"]))
+    assert config["class_weighting"] == tune.IMBALANCE[best_row["params_imbalance"]]["class_weighting"]
+    assert 1e-4 <= config["learning_rate"] <= 3e-3
+    # `ham-hf train best_config.json` takes it as its configuration.
+    *_, recipe, _, _, args = parse([str(out / "best_config.json"), "--output_dir", str(tmp_path / "t")],
+                                   train.ModelArguments, train.DataArguments, train.RecipeArguments,
+                                   AugmentArguments, data.SplitArguments, train.HamTrainingArguments)
+    assert args.learning_rate == pytest.approx(config["learning_rate"])
+    assert recipe.class_weighting == config["class_weighting"]
+
+
+def test_trial_options_reach_the_recipe_and_the_arguments(tmp_path, ham_dir_ro, tiny_backbone):
+    from ham_hf import data, model as model_lib, tune
+    from ham_hf.transforms import Preprocess
+
+    model = model_lib.load_model(str(tiny_backbone))
+    dc = model_lib.data_config(model)
+    _, cached = train.load_cached_splits(train.DataArguments(data=str(ham_dir_ro)), data.SplitArguments(), dc)
+    trainer = tune.TuneTrainer(model_init=lambda trial=None: model_lib.load_model(str(tiny_backbone)),
+                               args=train.HamTrainingArguments(output_dir=str(tmp_path), bf16=False),
+                               train_dataset=cached["train"], eval_dataset=cached["validation"],
+                               preprocess=Preprocess(dc), recipe=train.RecipeArguments())
+    trainer.hp_search_backend = "optuna"
+    trainer.hp_space = lambda trial: {"learning_rate": 5e-4, "label_smoothing": 0.15, "imbalance": "logit-adjusted"}
+    trainer._hp_search_setup(trial=types.SimpleNamespace(params={}))
+    assert trainer.args.learning_rate == 5e-4 and trainer.recipe.label_smoothing == 0.15
+    assert trainer.recipe.class_weighting == "none" and trainer.loss_weights is None
+    assert torch.allclose(trainer.logit_offset, -0.75 * train.log_prior(cached["train"].labels))
+
+
+def test_tune_refuses_unknown_parameters_and_a_budget_below_one_trial(tmp_path, ham_dir_ro, tiny_backbone, caplog):
+    base = ["tune", "--data", str(ham_dir_ro), "--model_name_or_path", str(tiny_backbone), "--output_dir",
+            str(tmp_path / "t"), "--image_size", "40", "--bf16", "false"]
+    assert main([*base, "--params", "learning_rate,dropout"]) == 2
+    assert "unknown tuning parameter(s) dropout; choose from learning_rate, backbone_lr_multiplier" in caplog.text
+    assert main([*base, "--timeout_s", "0.001"]) == 2
+    assert "one trial needs about" in caplog.text and "raise --timeout_s" in caplog.text
+    assert not (tmp_path / "t" / "trials.csv").exists()
+
+
+def test_json_config_passes_dict_options_as_json(tmp_path):
+    from ham_hf.cli import json_to_argv
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr_scheduler_kwargs": {"num_cycles": 2}, "num_train_epochs": 3}))
+    argv = json_to_argv(str(path))
+    assert argv == ["--lr_scheduler_kwargs", '{"num_cycles": 2}', "--num_train_epochs", "3"]
+    args = train.HamTrainingArguments(output_dir=str(tmp_path), lr_scheduler_kwargs=argv[1])
+    assert args.lr_scheduler_kwargs == {"num_cycles": 2}
