@@ -65,6 +65,19 @@ def _image_source(payload) -> str | bytes:
     return str(path)
 
 
+NOT_A_LESION = (
+    "### This does not look like a dermatoscopic image of a skin lesion\n"
+    "The classifier was not trained on such images, so its answer would mean nothing. Upload an image taken "
+    "through a dermatoscope, with the lesion centred (or tick *Show the probabilities anyway*)."
+)
+
+
+def verdict(prediction: Prediction, clf: Classifier) -> dict:
+    """The guard's machine-readable verdict for API users (None values when the model has no guard)."""
+    return {"in_distribution": prediction.in_distribution, "ood_score": prediction.ood_score,
+            "ood_threshold": clf.guard.threshold if clf.guard is not None else None}
+
+
 def describe(prediction: Prediction) -> str:
     """A short plain-language description of the top class and the benign / malignant grouping."""
     top = prediction.top
@@ -82,13 +95,19 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None) 
     """Build the Blocks app around one classifier, loaded once."""
     clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL))
 
-    def predict(image, tta):
-        """Classify one image: all 7 probabilities and a description."""
+    def predict(image, tta, show_anyway=False):
+        """Classify one image: all 7 probabilities, a description and the guard's verdict.
+
+        An image the guard flags gets a plain message in place of the diagnosis; its probabilities
+        only on request (show_anyway).
+        """
         try:
             prediction = clf.predict([_image_source(image)], tta=bool(tta))[0]
         except ImageError as exc:
             raise gr.Error(str(exc)) from None
-        return prediction.label(), describe(prediction)
+        if prediction.in_distribution is False and not show_anyway:
+            return None, NOT_A_LESION, verdict(prediction, clf)
+        return prediction.label(), describe(prediction), verdict(prediction, clf)
 
     def heat_map(image):
         """Grad-CAM of the predicted class over the model's view of the image."""
@@ -105,11 +124,14 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None) 
                 image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"],
                                  label="Dermatoscopic image", elem_id="image")
                 tta = gr.Checkbox(label="Test-time augmentation (8 views)", value=False)
+                show_anyway = gr.Checkbox(label="Show the probabilities anyway (even if the image does not look "
+                                                "like a dermatoscopic lesion image)", value=False)
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
                 gr.Markdown(ADVICE)
             with gr.Column():
                 probabilities = gr.Label(num_top_classes=7, label="Probabilities", elem_id="probabilities")
                 description = gr.Markdown(elem_id="description")
+                guard = gr.JSON(label="Out-of-distribution guard", elem_id="guard")
                 cam = gr.Image(type="pil", label="Grad-CAM: where the model looked (predicted class)",
                                interactive=False, elem_id="gradcam")
         if EXAMPLES:
@@ -117,7 +139,7 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None) 
                         example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
                         label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
         gr.Markdown(f"Model: `{clf.name}` · backend {clf.backend} · input {clf.data_config.size} px")
-        event = button.click(predict, [image, tta], [probabilities, description], api_name="predict",
+        event = button.click(predict, [image, tta, show_anyway], [probabilities, description, guard], api_name="predict",
                              preprocess=False, concurrency_limit=CONCURRENCY)
         event.then(heat_map, [image], [cam], api_name="explain", preprocess=False, concurrency_limit=CONCURRENCY)
     demo.queue(max_size=64, default_concurrency_limit=CONCURRENCY)

@@ -3,6 +3,7 @@
     ham-hf prepare  --data-dir DIR --output DIR [--push-to-hub ORG/NAME]
     ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
     ham-hf tune     --data DIR --output_dir DIR [--n_trials 8] [--params learning_rate,...]
+    ham-hf calibrate --model DIR --data DIR [--output DIR]   (temperature scaling + OOD guard)
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
@@ -96,6 +97,26 @@ def cmd_tune(argv: list[str]) -> int:
                                AugmentArguments, data.SplitArguments, train.HamTrainingArguments, tune.TuneArguments,
                                defaults=tune.TUNE_DEFAULTS)
     tune.run(*parsed, tune_args)
+    return 0
+
+
+@dataclass
+class CalibrateArguments:
+    """Options of `ham-hf calibrate`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train (or bundled)."})
+    data: str = field(metadata={"help": "The data it was trained on: prepared folder, raw folder or Hub dataset id."})
+    output: str | None = field(default=None, metadata={"help": "Write the calibrated folder here (default: in place)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
+                                                              "the CPU runs it natively)."})
+
+
+def cmd_calibrate(argv: list[str]) -> int:
+    """Fold temperature scaling (fitted on validation) into the head and fit the OOD guard."""
+    from ham_hf import calibration, data
+
+    args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
+    calibration.calibrate(args.model, args.data, args.output, split_args, args.bf16)
     return 0
 
 
@@ -208,6 +229,7 @@ def cmd_bundle(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bundle": cmd_bundle,
+    "calibrate": cmd_calibrate,
     "predict": cmd_predict,
     "push": cmd_push,
     "export": cmd_export,

@@ -20,20 +20,27 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-class _Logits(nn.Module):
-    """Wrap the transformers model so the exported graph maps pixel_values to logits."""
+# Bumped when the graph's outputs change, so cached exports of older graphs are not reused.
+GRAPH_VERSION = "logits+features"
+
+
+class _LogitsAndFeatures(nn.Module):
+    """Wrap the transformers model so the graph maps pixel_values to logits and the pooled features."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ham_hf.model import features_and_logits
+
+        features, logits = features_and_logits(self.model, pixel_values)
+        return logits, features
 
 
 def weights_digest(model, size: int) -> str:
     """A short digest of the weights and input size (the ONNX cache key)."""
-    h = hashlib.sha256(str(size).encode())
+    h = hashlib.sha256(f"{size}:{GRAPH_VERSION}".encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -41,7 +48,7 @@ def weights_digest(model, size: int) -> str:
 
 
 def export_onnx(model, size: int, path: str | Path) -> Path:
-    """Write the model as ONNX (float32, dynamic batch) to path, atomically."""
+    """Write the model as ONNX (float32, dynamic batch; outputs logits and features) to path, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -49,8 +56,9 @@ def export_onnx(model, size: int, path: str | Path) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(_Logits(model), (dummy,), str(tmp), input_names=["pixel_values"], output_names=["logits"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(_LogitsAndFeatures(model), (dummy,), str(tmp), input_names=["pixel_values"],
+                          output_names=["logits", "features"], dynamo=False,
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
     tmp.replace(path)
     logger.info("exported ONNX model to %s", path)
     return path

@@ -103,8 +103,8 @@ def read_json(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- models
 
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "all_results.json", "split.csv",
-               "training_curves.png")
-MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv")
+               "training_curves.png", "ood_guard.safetensors", "ood_images.json")
+MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv", "*_reliability*.png")
 CARD_METRICS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy (mean recall)"),
                 ("macro_f1", "Macro F1"), ("roc_auc_macro", "Macro one-vs-rest ROC AUC"))
 
@@ -279,10 +279,93 @@ def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") ->
     for name in model_files(src):
         if name != "model.safetensors":
             shutil.copy2(src / name, dst / name)
-    target = getattr(torch, dtype)
     tensors = load_file(str(src / "model.safetensors"))
-    # Convolution and linear weights are the bulk; anything 1-D (biases, norms, buffers) stays float32.
-    compact = {k: (v.to(target) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
-    save_file(compact, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_compact(tensors, getattr(torch, dtype)), str(dst / "model.safetensors"), metadata={"format": "pt"})
     logger.info("bundled %s into %s (%s weights)", src, dst, dtype)
     return dst
+
+
+def _compact(tensors: dict, dtype) -> dict:
+    """Store convolution and linear weights (the bulk) in dtype; anything 1-D (biases, norms, buffers) stays."""
+    return {k: (v.to(dtype) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
+
+
+def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
+    """Save a timm model's weights as safetensors in the storage dtype of `reference` (a bundled fp16 stays fp16)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(reference), "pt") as fh:
+        dtype = max((fh.get_slice(k) for k in fh.keys()), key=lambda t: len(t.get_shape())).get_dtype()
+    import torch
+
+    storage = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.timm_model.state_dict().items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(_compact(state, storage), str(path), metadata={"format": "pt"})
+    return Path(path)
+
+
+TRUST_MARKER = "## Calibration and out-of-distribution guard"
+
+
+CI_ROWS = (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"), ("macro_f1", "Macro F1"),
+           ("roc_auc_macro", "Macro one-vs-rest ROC AUC"), ("malignant_roc_auc", "Malignant-vs-benign ROC AUC"),
+           ("mel_sensitivity_at_specificity_80", "Melanoma sensitivity at 80% specificity"),
+           ("mel_sensitivity_at_specificity_90", "Melanoma sensitivity at 90% specificity"))
+
+
+def ci_table(split_metrics: dict[str, dict]) -> str:
+    """Markdown table of each metric with its 95% bootstrap interval, one column per split."""
+    splits = [s for s in ("validation", "test") if s in split_metrics and "ci" in split_metrics[s]]
+    if not splits:
+        return ""
+    n = split_metrics[splits[0]]["ci_resamples"]
+    rows = [f"95% confidence intervals: {n} bootstrap resamples of the lesions (seeded).", "",
+            "| metric | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for key, name in CI_ROWS:
+        cells = []
+        for s in splits:
+            m = split_metrics[s]
+            low, high = m["ci"].get(key, (float("nan"), float("nan")))
+            cells.append(f"{m.get(key, float('nan')):.3f} [{low:.3f}, {high:.3f}]")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -> str:
+    """The card section on uncertainty (CIs), calibration (T, ECE / Brier before and after) and the OOD guard."""
+    table = ci_table(split_metrics or {})
+    lines = [TRUST_MARKER, "", *([table, ""] if table else []),
+             f"Temperature scaling fitted on the validation split, **T = {results['temperature']:.3f}**, folded into the "
+             "classifier head (weight and bias divided by T): every loader gives calibrated probabilities, and the "
+             "predicted class is unchanged.", "",
+             "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---:|---:|---:|---:|"]
+    for prefix, split in (("eval", "validation"), ("test", "test")):
+        if f"{prefix}_ece_calibrated" in results:
+            lines.append(f"| {split} | {results[f'{prefix}_ece_uncalibrated']:.4f} | {results[f'{prefix}_ece_calibrated']:.4f} "
+                         f"| {results[f'{prefix}_brier_uncalibrated']:.4f} | {results[f'{prefix}_brier_calibrated']:.4f} |")
+    if "ood_threshold" in results:
+        lines += ["", "**Out-of-distribution guard** (`ood_guard.safetensors`): the Mahalanobis distance of an "
+                  "image's penultimate features to the nearest class centre of the training images (shared, "
+                  "shrunk covariance in a PCA subspace). An image scoring above the threshold "
+                  f"({results['ood_threshold']:.1f}, the {100 * results['ood_keep_quantile']:.1f}th percentile of the "
+                  "validation lesions, times a margin) is reported as not looking like a dermatoscopic image.", "",
+                  f"- validation lesions kept: {100 * results['ood_validation_kept']:.1f}%",
+                  f"- non-dermoscopic images ({results['ood_n_images']} from scikit-image, scikit-learn and generated "
+                  f"colours, noise, gradients, text and charts): AUROC {results['ood_auroc']:.4f}, flagged "
+                  f"{100 * results['ood_flagged']:.1f}%"]
+    return "\n".join(lines) + "\n"
+
+
+def add_trust_section(card_path: str | Path, results: dict, split_metrics: dict[str, dict] | None = None) -> None:
+    """Add (or replace) the uncertainty / calibration / guard section of a model card."""
+    path = Path(card_path)
+    text = path.read_text() if path.is_file() else ""
+    if TRUST_MARKER in text:
+        head, _, rest = text.partition(TRUST_MARKER)
+        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+        text = head + trust_section(results, split_metrics) + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + trust_section(results, split_metrics)
+    path.write_text(text)

@@ -34,9 +34,11 @@ TTA_VIEWS = 8
 
 @dataclass(frozen=True)
 class Prediction:
-    """Class probabilities of one image."""
+    """Class probabilities of one image, and whether it looks like the images the model was trained on."""
 
     probabilities: dict[str, float]  # class code -> probability, all 7
+    ood_score: float | None = None  # higher = less like the training images; None without a guard
+    in_distribution: bool | None = None  # the guard's verdict; None without a guard
 
     @property
     def top(self) -> str:
@@ -101,8 +103,31 @@ class Classifier:
         self.model = self.model.float().eval().to(self.device).to(memory_format=torch.channels_last)
         self.data_config = model_lib.data_config(self.model)
         self.preprocess = Preprocess(self.data_config).to(self.device)
+        self.guard = self._load_guard(name_or_path)
         self.backend = self._choose_backend(backend)
-        logger.info("loaded %s (%s, %d px, backend %s)", name_or_path, self.device, self.data_config.size, self.backend)
+        logger.info("loaded %s (%s, %d px, backend %s, %s)", name_or_path, self.device, self.data_config.size,
+                    self.backend, "OOD guard" if self.guard else "no OOD guard")
+
+    def _load_guard(self, name_or_path: str):
+        """The model's OOD guard (a local file, or from the Hub repo), or None when it has none."""
+        from ham_hf import ood
+
+        path = ood.guard_path(name_or_path)
+        if not Path(name_or_path).is_dir():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(name_or_path, ood.GUARD_FILE))
+            except Exception:  # no guard in the repo (or offline): predictions carry no verdict
+                return None
+        if not path.is_file():
+            return None
+        guard = ood.Guard.load(path)
+        width = model_lib.head(self.model).in_features
+        if guard.feature_size != width:
+            raise ModelError(f"the OOD guard in {name_or_path} reads {guard.feature_size} features but the model "
+                             f"gives {width}: it belongs to another model; refit it with `ham-hf calibrate`")
+        return guard
 
     def _choose_backend(self, backend: str) -> str:
         """Use ONNX Runtime on the CPU when available (auto), else PyTorch."""
@@ -132,25 +157,43 @@ class Classifier:
         return self.preprocess(cached.to(self.device), train=False)
 
     @torch.inference_mode()
+    def logits_and_features(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model on a preprocessed batch; return float64 logits and the pooled features."""
+        if self.backend == "onnx":
+            logits, features = self._session.run(None, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
+            return logits.astype(np.float64), features
+        features, logits = model_lib.features_and_logits(self.model, pixel_values)
+        return logits.double().cpu().numpy(), features.float().cpu().numpy()
+
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Run the model on a preprocessed batch; return float64 logits."""
-        if self.backend == "onnx":
-            out = self._session.run(None, {"pixel_values": pixel_values.contiguous().cpu().numpy()})[0]
-            return out.astype(np.float64)
-        return self.model(pixel_values=pixel_values).logits.double().cpu().numpy()
+        return self.logits_and_features(pixel_values)[0]
+
+    def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
+        x = self.images_to_tensor(images)
+        logits, features = self.logits_and_features(tta_views(x) if tta else x)
+        probs = softmax(logits)
+        if tta:
+            probs = probs.reshape(TTA_VIEWS, len(images), -1).mean(axis=0)
+            features = features[: len(images)]  # the guard scores the image as given (the first view)
+        return probs, (self.guard.score(features) if self.guard is not None else None)
 
     def predict_proba(self, images: Sequence, tta: bool = False) -> np.ndarray:
         """Return (N, 7) probabilities; with tta, averaged over the 8 flip / 90-degree views."""
-        x = self.images_to_tensor(images)
-        if not tta:
-            return softmax(self.logits(x))
-        probs = softmax(self.logits(tta_views(x)))
-        return probs.reshape(TTA_VIEWS, len(images), -1).mean(axis=0)
+        return self.predict_proba_and_ood(images, tta)[0]
 
     def predict(self, images: Sequence, tta: bool = False) -> list[Prediction]:
-        """Return one Prediction per image."""
-        probs = self.predict_proba(images, tta)
-        return [Prediction(dict(zip(CLASS_CODES, map(float, row)))) for row in probs]
+        """Return one Prediction per image (with the guard's score and verdict when the model has a guard)."""
+        probs, scores = self.predict_proba_and_ood(images, tta)
+        return [self._prediction(row, None if scores is None else scores[i]) for i, row in enumerate(probs)]
+
+    def _prediction(self, probs: np.ndarray, score: float | None) -> Prediction:
+        """Wrap one row of probabilities and its OOD score."""
+        if score is None:
+            return Prediction(dict(zip(CLASS_CODES, map(float, probs))))
+        return Prediction(dict(zip(CLASS_CODES, map(float, probs))), float(score),
+                          bool(self.guard.in_distribution(score)))
 
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -174,11 +217,12 @@ def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
     rows, skipped, batch, names = [], [], [], []
 
     def flush():
-        for name, row in zip(names, classifier.predict_proba(batch, tta)):
-            pred = Prediction(dict(zip(CLASS_CODES, map(float, row))))
+        for name, pred in zip(names, classifier.predict(batch, tta)):
             rows.append({"path": name, "predicted": pred.top, "group": pred.group,
                          "malignant_probability": round(pred.malignant_probability, 6),
-                         **{f"prob_{c}": round(p, 6) for c, p in pred.probabilities.items()}})
+                         **{f"prob_{c}": round(p, 6) for c, p in pred.probabilities.items()},
+                         "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
+                         "in_distribution": pred.in_distribution})
         batch.clear()
         names.clear()
 

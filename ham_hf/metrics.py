@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ham_hf.labels import CLASS_CODES
+from ham_hf.labels import CLASS_CODES, MALIGNANT
 
 METRIC_PATH = Path(__file__).parent / "evaluate_modules" / "ham10000_metrics"
 # The model-selection metric: mean per-class recall, the ISIC 2018 challenge score.
@@ -34,10 +34,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def compute(probabilities: np.ndarray, labels: np.ndarray) -> dict:
-    """Return the full metric dict (scalars, per_class, confusion_matrix) for probabilities and labels."""
+# Bootstrap resamples of a split report's confidence intervals (lesions resampled, seeded).
+N_BOOTSTRAP = 1000
+
+
+def compute(probabilities: np.ndarray, labels: np.ndarray, groups=None, n_bootstrap: int = 0, seed: int = 0) -> dict:
+    """Return the full metric dict (scalars, per_class, confusion_matrix, calibration; CIs over `groups`)."""
     return load_metric().compute(
-        predictions=np.asarray(probabilities, dtype=np.float32), references=np.asarray(labels), label_names=list(CLASS_CODES)
+        predictions=np.asarray(probabilities, dtype=np.float32), references=np.asarray(labels),
+        label_names=list(CLASS_CODES), malignant=sorted(MALIGNANT), positive="mel",
+        groups=list(groups) if groups is not None else None, n_bootstrap=n_bootstrap, seed=seed,
     )
 
 

@@ -119,6 +119,24 @@ def add_to_head_bias(model, offset) -> None:
         fc.bias.add_(torch.as_tensor(offset, dtype=fc.bias.dtype, device=fc.bias.device))
 
 
+def scale_head(model, factor: float) -> None:
+    """Multiply the classifier head's weight and bias by `factor`, in place (temperature 1/factor)."""
+    import torch
+
+    fc = head(model)
+    with torch.no_grad():
+        fc.weight.mul_(factor)
+        if getattr(fc, "bias", None) is not None:
+            fc.bias.mul_(factor)
+
+
+def features_and_logits(model, pixel_values):
+    """Pooled penultimate features (what the head reads) and the logits, from one forward pass."""
+    net = model.timm_model
+    features = net.forward_head(net.forward_features(pixel_values), pre_logits=True)
+    return features, head(model)(features)
+
+
 def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Return (backbone parameters, head parameters)."""
     head_ids = {id(p) for p in head(model).parameters()}

@@ -45,6 +45,30 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: str | Path, title: 
     return Path(path)
 
 
+def plot_reliability(probs: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "Reliability",
+                     n_bins: int = 15) -> Path:
+    """Save a reliability diagram: accuracy against confidence of the top class, per confidence bin."""
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    used = [b for b in range(n_bins) if (bins == b).any()]
+    fig = _figure(figsize=(5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar([(b + 0.5) / n_bins for b in used], [correct[bins == b].mean() for b in used], width=1 / n_bins,
+           edgecolor="black", alpha=0.7, label="accuracy in bin")
+    ax.plot([conf[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used], "o", color="C3",
+            label="mean confidence")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
     """Save training loss per step and validation loss / balanced accuracy per evaluation."""
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
@@ -102,14 +126,17 @@ def write_predictions(path: str | Path, image_ids: Sequence[str], labels: Sequen
 
 
 def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, labels: Sequence[int],
-                        image_ids: Sequence[str]) -> dict:
-    """Score a split and write its metrics JSON, confusion matrix, per-class report and predictions."""
+                        image_ids: Sequence[str], groups: Sequence[str] | None = None) -> dict:
+    """Score a split (95% CIs resampling `groups`, the lesions) and write its metrics JSON, confusion
+    matrix, reliability diagram, per-class report and predictions."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = metrics.compute(probs, np.asarray(labels))
+    groups = list(groups) if groups is not None else list(image_ids)
+    result = metrics.compute(probs, np.asarray(labels), groups=groups, n_bootstrap=metrics.N_BOOTSTRAP)
     (out / f"{split}_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_confusion_matrix(result["confusion_matrix"], out / f"{split}_confusion_matrix.png",
                           title=f"{split}: balanced accuracy {result['balanced_accuracy']:.3f}")
+    plot_reliability(probs, np.asarray(labels), out / f"{split}_reliability.png", title=f"{split}: ECE {result['ece']:.3f}")
     write_per_class(result, out / f"{split}_per_class.csv")
     write_predictions(out / f"{split}_predictions.csv", image_ids, labels, probs)
     logger.info("%s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %.4f", split,

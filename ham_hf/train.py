@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, model as model_lib, report
-from ham_hf.errors import ModelError, UserError
+from ham_hf.errors import DataError, ModelError, UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
 
@@ -90,6 +90,11 @@ class RecipeArguments:
         metadata={"help": "After training, choose tau from 0, 0.25, ..., 1 by validation balanced accuracy (ties go "
                           "to the smaller tau, which keeps more accuracy); --logit_adjustment_tau is then the "
                           "value used for checkpoint selection during training."},
+    )
+    calibrate: bool = field(
+        default=True,
+        metadata={"help": "After training: temperature scaling fitted on validation and folded into the head, and "
+                          "the out-of-distribution guard fitted on train (see ham-hf calibrate)."},
     )
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (GPU and CPU)."})
 
@@ -308,6 +313,18 @@ def resolve_precision(args: HamTrainingArguments) -> HamTrainingArguments:
     return args
 
 
+def calibrate_after_training(trainer: HamTrainer, dc, cached: dict[str, CachedImages], output_dir: Path) -> dict:
+    """Fold temperature scaling into the trained head and fit the OOD guard (every process; one writes)."""
+    from ham_hf import calibration
+
+    try:
+        return calibration.calibrate_model(trainer._unwrapped(), dc, cached, output_dir, bf16=bool(trainer.args.bf16),
+                                           write=trainer.is_world_process_zero())
+    except DataError as exc:
+        logger.warning("not calibrated: %s", exc)
+        return {}
+
+
 def _resume_target(value: str | bool | None):
     """Map --resume_from_checkpoint: a path, or true/latest for the newest checkpoint in output_dir."""
     if isinstance(value, str) and value.lower() in ("true", "latest", "last"):
@@ -361,7 +378,8 @@ def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Pa
     if not trainer.is_world_process_zero():
         return {}
     probs = metrics.softmax(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
-    return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids)
+    return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids,
+                                      dataset.groups)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArguments, augment: AugmentArguments,
@@ -390,6 +408,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     elif recipe.logit_adjustment_tau > 0:
         results["logit_adjustment_tau"] = recipe.logit_adjustment_tau
     trainer.fold_logit_adjustment()  # before saving: pipeline(...) then decides adjusted with no custom code
+    if recipe.calibrate:
+        results.update(calibrate_after_training(trainer, dc, cached, output_dir))
     trainer.save_model()  # config.json + model.safetensors of the best checkpoint
     trainer.save_state()
 
@@ -409,6 +429,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
         command=command,
     )
     card.save(output_dir / "README.md")
+    if "temperature" in results:
+        hub.add_trust_section(output_dir / "README.md", results, final)
     logger.info("model and reports in %s", output_dir)
     if push_to:
         hub.push_model(output_dir, push_to, private=bool(args.hub_private_repo))

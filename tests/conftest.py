@@ -126,8 +126,30 @@ def tiny_model(tmp_path_factory, ham_dir_ro, tiny_backbone) -> Path:
     from ham_hf.cli import main
 
     out = tmp_path_factory.mktemp("tiny_model")
+    # Uncalibrated and without a guard: a guard fitted on these coloured squares would flag real lesions.
+    assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--calibrate", "false")) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_tiny_model(tmp_path_factory, ham_dir_ro, tiny_backbone) -> Path:
+    """A tiny model trained with the default calibration (temperature folded in, OOD guard fitted)."""
+    from ham_hf.cli import main
+
+    out = tmp_path_factory.mktemp("calibrated_tiny_model")
     assert main(train_argv(ham_dir_ro, tiny_backbone, out)) == 0
     return out
+
+
+BUNDLED_MODEL = REPO / "models" / "ham10000-resnet50"
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The bundled default model folder (tests using it skip without it)."""
+    if not (BUNDLED_MODEL / "model.safetensors").is_file():
+        pytest.skip("no bundled default model in models/ham10000-resnet50")
+    return BUNDLED_MODEL
 
 
 @pytest.fixture(scope="session")

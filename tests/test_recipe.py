@@ -55,7 +55,7 @@ def test_bf16_true_on_a_cpu_without_it_is_one_message(tmp_path, ham_dir_ro, tiny
 def _final_weights(tmp_path, ham_dir_ro, tiny_backbone, name, *extra):
     """Train without checkpoint selection (so runs differ only by `extra`) and return (weights, results)."""
     out = tmp_path / name
-    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--bf16", "false",
+    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--bf16", "false", "--calibrate", "false",
                       "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", *extra)
     assert main(argv) == 0
     return load_file(str(out / "model.safetensors")), json.loads((out / "all_results.json").read_text())
