@@ -8,6 +8,7 @@
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
     ham-hf export   --model DIR --output model.onnx
+    ham-hf deploy   --space_id ORG/NAME [--model HUB_ID_OR_DIR] [--private] [--hardware cpu-basic]
     ham-hf bundle   --model DIR --output models/ham10000-resnet50 [--dtype float16]
 
 Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
@@ -227,9 +228,19 @@ def cmd_bundle(argv: list[str]) -> int:
     return 0
 
 
+def cmd_deploy(argv: list[str]) -> int:
+    """Create or update the Hugging Face Space of the app, with exactly the files it needs."""
+    from ham_hf import deploy
+
+    (args,) = parse(argv, deploy.DeployArguments)
+    print(deploy.deploy(args))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bundle": cmd_bundle,
     "calibrate": cmd_calibrate,
+    "deploy": cmd_deploy,
     "predict": cmd_predict,
     "push": cmd_push,
     "export": cmd_export,

@@ -247,7 +247,11 @@ def model_files(model_dir: str | Path) -> list[str]:
 
 
 def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create the model repo and upload the model folder's Hub files; return the repo URL."""
+    """Create the model repo and upload the model folder's Hub files, with example images the card's
+    widget shows; return the repo URL. `repo_id` without ORG/ goes to the token's own namespace."""
+    import shutil
+    import tempfile
+
     from huggingface_hub import HfApi
 
     root = Path(model_dir)
@@ -256,11 +260,36 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token
         raise FileNotFoundError(f"{root} lacks {', '.join(missing)}: train a model first (ham-hf train) or pass its folder")
     api = HfApi(token=token)  # token None: HF_TOKEN or the saved login; never logged
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    files = model_files(root)
-    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(root), allow_patterns=files,
-                      commit_message="Upload HAM10000 classifier")
-    logger.info("pushed %d files to %s", len(files), url)
+    repo_id = getattr(url, "repo_id", None) or repo_id  # the namespace the Hub filled in
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        files = model_files(root)
+        for name in files:
+            shutil.copy2(root / name, stage / name)
+        examples = sorted(EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
+        if examples:
+            (stage / "examples").mkdir()
+            for path in examples:
+                shutil.copy2(path, stage / "examples" / path.name)
+            add_widget(stage / "README.md", repo_id, [p.name for p in examples])
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
+                          commit_message="Upload HAM10000 classifier")
+    logger.info("pushed %d files and %d example images to %s", len(files), len(examples), url)
     return str(url)
+
+
+# One HAM10000 image per class (CC BY-NC-SA 4.0), shown by the model page's widget.
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def add_widget(card_path: Path, repo_id: str, example_names: list[str]) -> None:
+    """Point the card's inference widget at example images uploaded beside the model."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    card.data.widget = [{"src": f"https://huggingface.co/{repo_id}/resolve/main/examples/{name}",
+                         "example_title": LONG_NAMES.get(name.split("_")[0], name)} for name in example_names]
+    card.save(card_path)
 
 
 def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:

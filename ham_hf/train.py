@@ -386,7 +386,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
         split_args: data.SplitArguments, args: HamTrainingArguments, command: str | None = None) -> dict:
     """Train, keep the best validation checkpoint, score validation and (once) test, write the output folder."""
     args = resolve_precision(args)
-    push_to = args.hub_model_id if args.push_to_hub else None
+    # The Trainer's convention: without --hub_model_id the repo is named after output_dir, in the
+    # token's namespace.
+    push_to = (args.hub_model_id or Path(args.output_dir).absolute().name) if args.push_to_hub else None
     if push_to is not None or args.push_to_hub:
         # The Trainer would push every checkpoint; the finished folder is pushed once, at the end.
         args = dataclasses.replace(args, push_to_hub=False)
@@ -433,6 +435,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
         hub.add_trust_section(output_dir / "README.md", results, final)
     logger.info("model and reports in %s", output_dir)
     if push_to:
+        logger.info("pushing the model to the Hub repo %s", push_to)
         hub.push_model(output_dir, push_to, private=bool(args.hub_private_repo))
     return results
 

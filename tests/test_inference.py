@@ -237,17 +237,27 @@ def test_push_uploads_the_model_files(tiny_model, monkeypatch, caplog):
     calls = {}
     monkeypatch.setattr(HfApi, "create_repo",
                         lambda self, repo_id, **kw: calls.update(repo=repo_id, create=kw) or f"https://hf.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.update(upload=kw))
+
+    def upload(self, **kw):
+        root = Path(kw["folder_path"])  # a staging folder, gone after the call: read it now
+        calls.update(upload=kw, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()},
+                     card=ModelCard.load(root / "README.md"))
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
     assert main(["push", "--model", str(tiny_model), "--repo-id", "me/ham-tiny", "--private"]) == 0
     assert calls["repo"] == "me/ham-tiny" and calls["create"]["private"] is True
-    up = calls["upload"]
-    assert up["repo_id"] == "me/ham-tiny" and Path(up["folder_path"]) == tiny_model
-    files = set(up["allow_patterns"])
+    assert calls["upload"]["repo_id"] == "me/ham-tiny" and calls["upload"]["repo_type"] == "model"
+    files = calls["files"]
     assert {"config.json", "model.safetensors", "README.md", "all_results.json", "test_confusion_matrix.png",
             "training_curves.png", "test_metrics.json"} <= files
     assert not any(f.startswith("checkpoint") or f.endswith((".bin", ".pt", ".pth")) for f in files)
-    card = ModelCard.load(Path(up["folder_path"]) / "README.md")
+    assert "test_predictions.csv" not in files
+    examples = {f for f in files if f.startswith("examples/")}
+    assert len(examples) == 7
+    card = calls["card"]
     assert card.data.pipeline_tag == "image-classification" and card.data.eval_results
+    assert [w["src"].rsplit("/", 1)[1] for w in card.data.widget] == sorted(f.split("/")[1] for f in examples)
+    assert all(w["src"].startswith("https://huggingface.co/me/ham-tiny/resolve/main/examples/") for w in card.data.widget)
     assert secret not in caplog.text
 
 
