@@ -25,7 +25,7 @@ import gradio as gr  # noqa: E402
 
 from ham_hf.errors import ImageError, ModelError  # noqa: E402
 from ham_hf.explain import explain  # noqa: E402
-from ham_hf.inference import Classifier, Prediction, resolve_model  # noqa: E402
+from ham_hf.inference import BACKENDS, Classifier, Prediction, resolve_model  # noqa: E402
 from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name  # noqa: E402
 
 logger = logging.getLogger("ham_hf.app")
@@ -91,9 +91,9 @@ def describe(prediction: Prediction) -> str:
     )
 
 
-def create_demo(model: str | None = None, classifier: Classifier | None = None) -> gr.Blocks:
+def create_demo(model: str | None = None, classifier: Classifier | None = None, backend: str = "auto") -> gr.Blocks:
     """Build the Blocks app around one classifier, loaded once."""
-    clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL))
+    clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
 
     def predict(image, tta, show_anyway=False):
         """Classify one image: all 7 probabilities, a description and the guard's verdict.
@@ -150,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the model once and serve."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or folder (default: HAM_MODEL, else the bundled model)")
+    parser.add_argument("--backend", default=os.environ.get("HAM_BACKEND", "auto"), choices=BACKENDS,
+                        help="auto: int8 ONNX on the CPU when the model passed its fidelity check, else fp32 ONNX")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        demo = create_demo(args.model)
+        demo = create_demo(args.model, backend=args.backend)
     except ModelError as exc:
         logger.error("%s", exc)
         return 2

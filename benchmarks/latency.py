@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/latency.py --data-dir ../shared/data/ham10000 [--model DIR] [--n 100]
 
 Each call classifies one image file from disk (decode + preprocess + forward + softmax):
-- "app (onnx)": `Classifier.predict`, the path the Gradio app runs (ONNX Runtime on the CPU);
+- "app (onnx fp32)" / "app (onnx int8)": `Classifier.predict` with ONNX Runtime on the CPU, the
+  path the Gradio app runs (int8 by default where the model's fidelity check passed: "app_backend");
 - "app (torch)": the same with the PyTorch backend (inference mode, channels_last);
-- "pipeline": `pipeline("image-classification", model=...)` on the same file.
+- "pipeline": `pipeline("image-classification", model=...)` on the same file;
+- "app tta 8 views": the 8 dihedral views of one image in one batch.
 The largest probability difference between the paths is reported as well.
 
 app.py sets OMP_WAIT_POLICY=PASSIVE for its process (PyTorch's spinning OpenMP threads slow ONNX
@@ -54,18 +56,27 @@ def main() -> None:
     from ham_hf.labels import CLASS_CODES
 
     folder, files = model_folder(a.model), images(a.data_dir, a.n)
-    fast, eager = Classifier(folder), Classifier(folder, backend="torch")
+    fast, fp32, eager = Classifier(folder), Classifier(folder, backend="onnx"), Classifier(folder, backend="torch")
     stock = pipeline("image-classification", model=folder)
     results = {
         "device": f"CPU ({torch.get_num_threads()} threads)", "image_size": fast.data_config.size,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        f"app ({fast.backend})": summary(timed(lambda f: fast.predict([f]), files)),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "app_backend": fast.backend,
+        "app (onnx fp32)": summary(timed(lambda f: fp32.predict([f]), files)),
         "app (torch)": summary(timed(lambda f: eager.predict([f]), files)),
         "pipeline": summary(timed(lambda f: stock(f, top_k=7), files)),
+        "app tta 8 views (onnx fp32)": summary(timed(lambda f: fp32.predict([f], tta=True), files[: max(10, a.n // 4)])),
     }
+    try:  # int8 whether or not the model's gate passed: the figure beside fp32
+        int8 = Classifier(folder, backend="onnx-int8")
+        if int8.backend == "onnx-int8":
+            results["app (onnx int8)"] = summary(timed(lambda f: int8.predict([f]), files))
+            results["app tta 8 views (onnx int8)"] = summary(timed(lambda f: int8.predict([f], tta=True),
+                                                                   files[: max(10, a.n // 4)]))
+    except Exception as exc:  # a model without int8 ranges
+        logging.info("no int8 figures: %s", exc)
     sample = files[:16]
     ref = np.array([[{d["label"]: d["score"] for d in r}[c] for c in CLASS_CODES] for r in stock(sample, top_k=7)])
-    results["max_prob_diff_vs_pipeline"] = float(np.abs(fast.predict_proba(sample) - ref).max())
+    results["max_prob_diff_vs_pipeline"] = float(np.abs(fp32.predict_proba(sample) - ref).max())
     emit(results, a.json)
 
 

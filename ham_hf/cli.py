@@ -149,6 +149,9 @@ class PredictArguments:
     output: str = field(default="predictions.csv", metadata={"help": "CSV to write (one row per image)."})
     tta: bool = field(default=False, metadata={"help": "Average 8 flipped / rotated views."})
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+    backend: str = field(default="auto", metadata={
+        "help": "auto (int8 ONNX on the CPU when the model's fidelity check passed, else fp32 ONNX), onnx-int8, "
+                "onnx or torch.", "choices": ["auto", "onnx-int8", "onnx", "torch"]})
 
 
 def cmd_predict(argv: list[str]) -> int:
@@ -163,7 +166,7 @@ def cmd_predict(argv: list[str]) -> int:
     if not files:
         logger.error("no images given: ham-hf predict PATHS... --model MODEL (files or folders)")
         return 2
-    rows, skipped = predict_files(Classifier(args.model), files, args.batch_size, args.tta)
+    rows, skipped = predict_files(Classifier(args.model, backend=args.backend), files, args.batch_size, args.tta)
     if rows:
         with open(args.output, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

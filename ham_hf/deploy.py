@@ -76,10 +76,15 @@ def space_readme(model_note: str) -> str:
             f"dermatoscopic image.\n\nModel: {model_note}\n")
 
 
+def _name(requirement: str) -> str:
+    """The package name of a requirement line ("optuna>=4.0" -> "optuna")."""
+    return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0]
+
+
 def space_requirements(requirements: Path = REPO / "requirements.txt") -> str:
     """requirements.txt for a CPU Space: the app's runtime, torch from the CPU wheel index."""
     keep = [line for line in requirements.read_text().splitlines()
-            if line.strip() and not line.startswith("#") and not line.split(">")[0].split("=")[0].strip() in NOT_ON_SPACE]
+            if line.strip() and not line.startswith("#") and _name(line) not in NOT_ON_SPACE]
     return "\n".join(["# Installed by the Space (CPU): torch from PyTorch's CPU wheels, no CUDA libraries.",
                       CPU_TORCH_INDEX, *keep]) + "\n"
 

@@ -9,8 +9,11 @@ inference module caches it by a digest of the weights, so a changed model is exp
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -73,3 +76,82 @@ def cached_onnx(model, size: int) -> Path:
     """Return the cached ONNX export of these weights, exporting it first if needed."""
     path = cache_dir() / f"{weights_digest(model, size)}.onnx"
     return path if path.is_file() else export_onnx(model, size, path)
+
+
+# ----------------------------------------------------------------------------- int8 (static, QDQ)
+
+# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with) and
+# the fidelity check that decides whether int8 is served.
+INT8_RANGES = "int8_ranges.json"
+INT8_FIDELITY = "int8_fidelity.json"
+# How activation ranges are measured (ONNX Runtime's CalibrationMethod name).
+INT8_METHOD = "MinMax"
+
+
+class Int8Unavailable(RuntimeError):
+    """int8 cannot be built here (no quantization tools, no ranges, ranges of another graph)."""
+
+
+class _Batches:
+    """An ONNX Runtime CalibrationDataReader over preprocessed float32 batches."""
+
+    def __init__(self, batches):
+        self._it = iter([{"pixel_values": b} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None,
+                  method: str = INT8_METHOD) -> Path:
+    """Static int8 quantization (QDQ, per-channel int8 weights, uint8 activations, `method` ranges).
+
+    With `batches` (preprocessed float32 arrays) the ranges are measured and written to `ranges_path`;
+    without, the ranges already at `ranges_path` are used, so int8 can be built where no data is.
+    Raises Int8Unavailable when this ONNX Runtime cannot, or the ranges do not fit the graph.
+    """
+    import onnx
+
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise Int8Unavailable(f"this ONNX Runtime has no quantization tools ({exc})") from None
+    out_path, ranges_path = Path(out_path), Path(ranges_path)
+    if batches is None and not ranges_path.is_file():
+        raise Int8Unavailable(f"no {ranges_path.name} beside the model (run `ham-hf calibrate` to measure it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))  # folds batch norms, infers shapes
+        if batches is None:
+            names = {t for n in onnx.load(str(prepared)).graph.node for t in (*n.input, *n.output)}
+            missing = set(json.loads(ranges_path.read_text()).get("data", {})) - names
+            if missing:
+                raise Int8Unavailable(f"{ranges_path.name} names {len(missing)} tensors this graph lacks "
+                                      "(exported by another torch version?); refit with `ham-hf calibrate`")
+        tmp_out = Path(tmp) / "int8.onnx"
+        # The head stays float: it is tiny, and it alone sets the (temperature-sharpened) probabilities.
+        head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "MatMul")]
+        try:
+            quantize_static(str(prepared), str(tmp_out), _Batches(batches) if batches is not None else None,
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                            nodes_to_exclude=head, calibration_cache_path=str(ranges_path))
+        except TypeError as exc:  # an ONNX Runtime older than calibration caches
+            raise Int8Unavailable(f"this ONNX Runtime cannot reuse calibration ranges ({exc})") from None
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp_out), out_path)
+    logger.info("int8 model written to %s", out_path)
+    return out_path
+
+
+def cached_int8(model, size: int, ranges_path: str | Path) -> Path:
+    """The cached int8 build of these weights and ranges, quantizing the fp32 export first if needed."""
+    ranges_path = Path(ranges_path)
+    if not ranges_path.is_file():
+        raise Int8Unavailable(f"no {ranges_path.name} beside the model")
+    digest = hashlib.sha256(ranges_path.read_bytes()).hexdigest()[:12]
+    path = cache_dir() / f"{weights_digest(model, size)}-{digest}-int8.onnx"
+    if path.is_file():
+        return path
+    return quantize_int8(cached_onnx(model, size), path, ranges_path)

@@ -103,7 +103,8 @@ def read_json(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- models
 
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "all_results.json", "split.csv",
-               "training_curves.png", "ood_guard.safetensors", "ood_images.json")
+               "training_curves.png", "ood_guard.safetensors", "ood_images.json", "int8_ranges.json",
+               "int8_fidelity.json")
 MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv", "*_reliability*.png")
 CARD_METRICS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy (mean recall)"),
                 ("macro_f1", "Macro F1"), ("roc_auc_macro", "Macro one-vs-rest ROC AUC"))

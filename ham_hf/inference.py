@@ -28,6 +28,8 @@ from ham_hf.transforms import Preprocess, decode_images, load_rgb, resize_square
 
 logger = logging.getLogger(__name__)
 
+# What runs the network: auto picks int8 ONNX on the CPU when the model's fidelity check passed.
+BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
 # Test-time augmentation views: the 8 symmetries of the square (4 rotations x optional flip).
 TTA_VIEWS = 8
 
@@ -130,22 +132,62 @@ class Classifier:
         return guard
 
     def _choose_backend(self, backend: str) -> str:
-        """Use ONNX Runtime on the CPU when available (auto), else PyTorch."""
+        """torch, onnx (fp32) or onnx-int8; auto: int8 on the CPU when the model's fidelity check passed.
+
+        Whatever stops int8 (no ranges, a failed gate, an ONNX Runtime without the tools, a corrupt
+        cached file) falls back to fp32 ONNX with one log line saying why; never a crash at start-up.
+        """
+        if backend not in BACKENDS:
+            raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == "torch" or (backend == "auto" and self.device.type != "cpu"):
             return "torch"
         try:
             import onnxruntime as ort
 
-            from ham_hf.export import cached_onnx
+            from ham_hf import export
         except ImportError:
-            if backend == "onnx":
-                raise ModelError("the onnx backend needs `pip install onnx onnxruntime`") from None
+            if backend != "auto":
+                raise ModelError("the onnx backends need `pip install onnx onnxruntime`") from None
             return "torch"
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        path = cached_onnx(self.model, self.data_config.size)
+        if backend in ("auto", "onnx-int8"):
+            reason = self._int8_refusal() if backend == "auto" else None
+            if reason is None:
+                try:
+                    path = export.cached_int8(self.model, self.data_config.size, self._model_file(export.INT8_RANGES))
+                    self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    return "onnx-int8"
+                except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
+                    reason = str(exc).splitlines()[0]
+            logger.info("int8 not used (%s); serving fp32 ONNX", reason)
+        path = export.cached_onnx(self.model, self.data_config.size)
         self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return "onnx"
+
+    def _model_file(self, name: str) -> Path:
+        """A file beside the model (a local folder, or fetched from its Hub repo)."""
+        if Path(self.name).is_dir():
+            return Path(self.name) / name
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.name, name))
+
+    def _int8_refusal(self) -> str | None:
+        """Why int8 is not the default for this model, or None when its fidelity check passed."""
+        import json
+
+        from ham_hf.export import INT8_FIDELITY
+
+        try:
+            fidelity = json.loads(self._model_file(INT8_FIDELITY).read_text())
+        except Exception:
+            return f"the model has no {INT8_FIDELITY} (run `ham-hf calibrate`)"
+        if not fidelity.get("passed"):
+            return (f"its fidelity check failed: top-1 agreement {fidelity.get('top1_agreement', float('nan')):.4f}, "
+                    f"balanced accuracy {fidelity.get('balanced_accuracy_int8', float('nan')):.4f} vs fp32 "
+                    f"{fidelity.get('balanced_accuracy_fp32', float('nan')):.4f}")
+        return None
 
     def images_to_tensor(self, images: Sequence) -> torch.Tensor:
         """Decode and preprocess images (paths, bytes or PIL) into a normalised batch on the device."""
@@ -159,7 +201,7 @@ class Classifier:
     @torch.inference_mode()
     def logits_and_features(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Run the model on a preprocessed batch; return float64 logits and the pooled features."""
-        if self.backend == "onnx":
+        if self.backend.startswith("onnx"):
             logits, features = self._session.run(None, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
             return logits.astype(np.float64), features
         features, logits = model_lib.features_and_logits(self.model, pixel_values)
