@@ -139,7 +139,8 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                         example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
                         label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
         gr.Markdown(f"Model: `{clf.name}` · backend {clf.backend} · input {clf.data_config.size} px")
-        event = button.click(predict, [image, tta, show_anyway], [probabilities, description, guard], api_name="predict",
+        event = button.click(predict, [image, tta, show_anyway], [probabilities, description, guard],
+                             api_name="predict",
                              preprocess=False, concurrency_limit=CONCURRENCY)
         event.then(heat_map, [image], [cam], api_name="explain", preprocess=False, concurrency_limit=CONCURRENCY)
     demo.queue(max_size=64, default_concurrency_limit=CONCURRENCY)

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from common import REPO, emit, images, model_folder, summary
 
 
-
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
     with socket.socket() as s:

@@ -27,7 +27,6 @@ import torch
 from common import emit, images, model_folder, summary
 
 
-
 def timed(fn, items, warmup: int = 5) -> list[float]:
     """Time fn on each item after a warm-up; return seconds per call."""
     for item in items[:warmup]:
@@ -64,7 +63,8 @@ def main() -> None:
         "app (onnx fp32)": summary(timed(lambda f: fp32.predict([f]), files)),
         "app (torch)": summary(timed(lambda f: eager.predict([f]), files)),
         "pipeline": summary(timed(lambda f: stock(f, top_k=7), files)),
-        "app tta 8 views (onnx fp32)": summary(timed(lambda f: fp32.predict([f], tta=True), files[: max(10, a.n // 4)])),
+        "app tta 8 views (onnx fp32)": summary(timed(lambda f: fp32.predict([f], tta=True),
+                                                     files[: max(10, a.n // 4)])),
     }
     try:  # int8 whether or not the model's gate passed: the figure beside fp32
         int8 = Classifier(folder, backend="onnx-int8")

@@ -21,10 +21,11 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from common import emit
-from ham_hf import data, model as model_lib, train
+from ham_hf import data, train
+from ham_hf import model as model_lib
 from ham_hf.transforms import AugmentArguments, cache_split
 
+from common import emit
 
 
 class StepTimer(TrainerCallback):
@@ -77,7 +78,8 @@ def pipeline_rate(a, dc, cached, bf16: bool, channels_last: bool) -> float:
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10_000,
         disable_tqdm=True, report_to="none", bf16=bf16)
     recipe = train.RecipeArguments(freeze_backbone_epochs=0, channels_last=channels_last)
-    trainer = train.build_trainer(model_lib.load_model(a.model, a.image_size, a.random_init), train.resolve_precision(args), dc,
+    model = model_lib.load_model(a.model, a.image_size, a.random_init)
+    trainer = train.build_trainer(model, train.resolve_precision(args), dc,
                                   {"train": cached}, recipe, AugmentArguments())
     timer = StepTimer(a.warmup)
     trainer.add_callback(timer)
@@ -125,7 +127,8 @@ def main() -> None:
         for fmt in a.memory_formats.split(","):
             cl = fmt == "channels_last"
             pipe = pipeline_rate(a, dc, cached, prec == "bf16", cl)
-            bare = bare_step_rate(model_lib.load_model(a.model, a.image_size, a.random_init), dc, a.batch_size, a.steps, a.warmup,
+            fresh = model_lib.load_model(a.model, a.image_size, a.random_init)
+            bare = bare_step_rate(fresh, dc, a.batch_size, a.steps, a.warmup,
                                   prec == "bf16", cl)
             key = prec if fmt == "channels_last" else f"{prec}_{fmt}"
             figures[key] = {"pipeline_images_per_s": round(pipe, 1), "bare_step_images_per_s": round(bare, 1),

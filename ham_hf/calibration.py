@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ham_hf import data, metrics, model as model_lib, ood, report
+from ham_hf import data, metrics, ood, report
+from ham_hf import model as model_lib
 from ham_hf.errors import DataError, ModelError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import CachedImages, Preprocess, cache_split

@@ -204,7 +204,8 @@ class ExportArguments:
 
 def cmd_export(argv: list[str]) -> int:
     """Export a model to ONNX (float32, dynamic batch) for ONNX Runtime."""
-    from ham_hf import export, model as model_lib
+    from ham_hf import export
+    from ham_hf import model as model_lib
 
     (args,) = parse(argv, ExportArguments)
     model = model_lib.load_model(args.model)

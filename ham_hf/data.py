@@ -241,7 +241,8 @@ def read_isic2018(data_dir: str | Path):
     truths = sorted(root.glob("*GroundTruth*.csv"))
     inputs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith("_Input"))
     if not truths or not inputs:
-        raise DataError(f"{root} is not an ISIC 2018 Task 3 folder: it needs a *GroundTruth*.csv and an *_Input/ folder")
+        raise DataError(f"{root} is not an ISIC 2018 Task 3 folder: it needs a *GroundTruth*.csv and an "
+                        "*_Input/ folder")
     records = _read_csv(truths[0], ISIC2018_COLUMNS)
     ids = [r["image"] for r in records]
     _check_unique(ids, truths[0])
@@ -288,7 +289,8 @@ def from_hub_dataset(raw):
             raise DataError(f"the Hub dataset lacks a {col!r} column; found {', '.join(raw.column_names)}")
     unknown = sorted({str(d) for d in raw.unique("dx")} - set(CLASS_CODES) - {c.upper() for c in CLASS_CODES})
     if unknown:
-        raise DataError(f"unknown dx value(s) in the Hub dataset: {_listing(unknown)}; expected {', '.join(CLASS_CODES)}")
+        raise DataError(f"unknown dx value(s) in the Hub dataset: {_listing(unknown)}; "
+                        f"expected {', '.join(CLASS_CODES)}")
     n = len(raw)
     image_ids = raw["image_id"] if "image_id" in raw.column_names else [f"hub_{i:06d}" for i in range(n)]
     _check_unique(image_ids, Path("<hub dataset>"))
@@ -296,7 +298,7 @@ def from_hub_dataset(raw):
     def column(name):
         return raw[name] if name in raw.column_names else [None] * n
 
-    lesion_ids = [l or i for l, i in zip(column("lesion_id"), image_ids)]
+    lesion_ids = [lesion or i for lesion, i in zip(column("lesion_id"), image_ids)]
     ages = [_parse_age(str(a)) if a is not None else None for a in column("age")]
     table = {
         "image": raw.cast_column("image", datasets.Image(decode=False))["image"],
@@ -384,7 +386,7 @@ def _groups(lesion_ids: Sequence[str], image_ids: Sequence[str], duplicates: lis
     for ids in duplicates:
         for other in ids[1:]:
             parent[find(lesion_of[other])] = find(lesion_of[ids[0]])
-    roots = [find(l) for l in lesion_ids]
+    roots = [find(lesion) for lesion in lesion_ids]
     numbering = {r: i for i, r in enumerate(dict.fromkeys(roots))}
     return [numbering[r] for r in roots]
 

@@ -21,7 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ham_hf import hub, model as model_lib
+from ham_hf import hub
+from ham_hf import model as model_lib
 from ham_hf.errors import ModelError, UserError
 
 logger = logging.getLogger(__name__)

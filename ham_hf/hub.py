@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 LICENSE = "cc-by-nc-sa-4.0"
 CITATION = """@article{tschandl2018ham10000,
-  title   = {The HAM10000 dataset, a large collection of multi-source dermatoscopic images of common pigmented skin lesions},
+  title   = {The HAM10000 dataset, a large collection of multi-source dermatoscopic images of common
+             pigmented skin lesions},
   author  = {Tschandl, Philipp and Rosendahl, Cliff and Kittler, Harald},
   journal = {Scientific Data},
   volume  = {5},
@@ -23,7 +24,8 @@ CITATION = """@article{tschandl2018ham10000,
   year    = {2018},
   doi     = {10.1038/sdata.2018.161}
 }"""
-SOURCE = "HAM10000 (Tschandl, Rosendahl & Kittler, Scientific Data 5, 180161, 2018), Harvard Dataverse doi:10.7910/DVN/DBW86T"
+SOURCE = ("HAM10000 (Tschandl, Rosendahl & Kittler, Scientific Data 5, 180161, 2018), "
+          "Harvard Dataverse doi:10.7910/DVN/DBW86T")
 
 
 def _counts_table(counts: dict[str, dict[str, int]]) -> str:
@@ -258,7 +260,8 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token
     root = Path(model_dir)
     missing = [n for n in ("config.json", "model.safetensors") if not (root / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{root} lacks {', '.join(missing)}: train a model first (ham-hf train) or pass its folder")
+        raise FileNotFoundError(f"{root} lacks {', '.join(missing)}: train a model first (ham-hf train) "
+                                "or pass its folder")
     api = HfApi(token=token)  # token None: HF_TOKEN or the saved login; never logged
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     repo_id = getattr(url, "repo_id", None) or repo_id  # the namespace the Hub filled in
@@ -367,14 +370,16 @@ def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -
     """The card section on uncertainty (CIs), calibration (T, ECE / Brier before and after) and the OOD guard."""
     table = ci_table(split_metrics or {})
     lines = [TRUST_MARKER, "", *([table, ""] if table else []),
-             f"Temperature scaling fitted on the validation split, **T = {results['temperature']:.3f}**, folded into the "
+             "Temperature scaling fitted on the validation split, "
+             f"**T = {results['temperature']:.3f}**, folded into the "
              "classifier head (weight and bias divided by T): every loader gives calibrated probabilities, and the "
              "predicted class is unchanged.", "",
              "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---:|---:|---:|---:|"]
     for prefix, split in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_ece_calibrated" in results:
-            lines.append(f"| {split} | {results[f'{prefix}_ece_uncalibrated']:.4f} | {results[f'{prefix}_ece_calibrated']:.4f} "
-                         f"| {results[f'{prefix}_brier_uncalibrated']:.4f} | {results[f'{prefix}_brier_calibrated']:.4f} |")
+            cells = [results[f"{prefix}_{m}_{when}"] for m in ("ece", "brier")
+                     for when in ("uncalibrated", "calibrated")]
+            lines.append(f"| {split} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
     if "ood_threshold" in results:
         lines += ["", "**Out-of-distribution guard** (`ood_guard.safetensors`): the Mahalanobis distance of an "
                   "image's penultimate features to the nearest class centre of the training images (shared, "

@@ -113,7 +113,8 @@ class Guard:
                 meta = fh.metadata() or {}
                 arrays = {k: fh.get_tensor(k) for k in fh.keys()}
             guard = cls(arrays["mean"], arrays["components"], arrays["centres"], arrays["precision"],
-                        threshold=float(meta["threshold"]), keep_quantile=float(meta.get("keep_quantile", KEEP_QUANTILE)))
+                        threshold=float(meta["threshold"]),
+                        keep_quantile=float(meta.get("keep_quantile", KEEP_QUANTILE)))
         except (SafetensorError, KeyError, ValueError, OSError) as exc:
             raise ModelError(f"{path} is not a usable OOD guard file ({exc}); refit it with "
                              "`ham-hf calibrate --model DIR --data ...`") from None
@@ -195,7 +196,8 @@ def generated_images(seed: int = 0) -> list[tuple[str, "Image.Image"]]:
     for i in range(4):
         out.append((f"noise-{i}", Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))))
     for i in range(4):
-        ramp = (np.linspace(0, 1, 320)[None, :, None] * rng.random(3) + np.linspace(0, 1, 240)[:, None, None] * rng.random(3))
+        ramp = (np.linspace(0, 1, 320)[None, :, None] * rng.random(3)
+                + np.linspace(0, 1, 240)[:, None, None] * rng.random(3))
         out.append((f"gradient-{i}", Image.fromarray((255 * ramp / ramp.max()).astype(np.uint8))))
     for i, kind in enumerate(("line", "bar", "text", "scatter", "pie", "table")):
         fig = Figure(figsize=(4, 3))

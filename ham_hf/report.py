@@ -136,7 +136,8 @@ def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, l
     (out / f"{split}_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_confusion_matrix(result["confusion_matrix"], out / f"{split}_confusion_matrix.png",
                           title=f"{split}: balanced accuracy {result['balanced_accuracy']:.3f}")
-    plot_reliability(probs, np.asarray(labels), out / f"{split}_reliability.png", title=f"{split}: ECE {result['ece']:.3f}")
+    plot_reliability(probs, np.asarray(labels), out / f"{split}_reliability.png",
+                     title=f"{split}: ECE {result['ece']:.3f}")
     write_per_class(result, out / f"{split}_per_class.csv")
     write_predictions(out / f"{split}_predictions.csv", image_ids, labels, probs)
     logger.info("%s: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, macro AUC %.4f", split,

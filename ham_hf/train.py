@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, set_seed
 
-from ham_hf import data, hub, metrics, model as model_lib, report
+from ham_hf import data, hub, metrics, report
+from ham_hf import model as model_lib
 from ham_hf.errors import DataError, ModelError, UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
@@ -168,7 +169,8 @@ def choose_tau(logits: torch.Tensor, labels: torch.Tensor, log_prior_: torch.Ten
     from sklearn.metrics import balanced_accuracy_score
 
     logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels).numpy()
-    scores = {tau: float(balanced_accuracy_score(labels, (logits - tau * log_prior_).argmax(1).numpy())) for tau in grid}
+    scores = {tau: float(balanced_accuracy_score(labels, (logits - tau * log_prior_).argmax(1).numpy()))
+              for tau in grid}
     return max(grid, key=lambda tau: (round(scores[tau], 9), -tau)), scores
 
 
@@ -209,7 +211,8 @@ class HamTrainer(Trainer):
         if frozen != self.backbone_frozen:
             model_lib.set_backbone_trainable(self._unwrapped(), not frozen)
             self.backbone_frozen = frozen
-            logger.info("epoch %.2f: backbone %s", self.state.epoch or 0.0, "frozen (head only)" if frozen else "trainable")
+            logger.info("epoch %.2f: backbone %s", self.state.epoch or 0.0,
+                        "frozen (head only)" if frozen else "trainable")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One optimisation step, after applying the freeze schedule."""

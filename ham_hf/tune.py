@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ham_hf import metrics, model as model_lib, train
+from ham_hf import metrics, train
+from ham_hf import model as model_lib
 from ham_hf.errors import UserError
 from ham_hf.transforms import Preprocess
 
@@ -94,7 +95,8 @@ class TuneTrainer(train.HamTrainer):
             if self.loss_weights is not None:
                 self.loss_weights = self.loss_weights.to(self.args.device)
             tau = self.recipe.logit_adjustment_tau
-            self.logit_offset = (-tau * train.log_prior(self.train_dataset.labels)).to(self.args.device) if tau else None
+            prior = train.log_prior(self.train_dataset.labels)
+            self.logit_offset = (-tau * prior).to(self.args.device) if tau else None
         self.backbone_frozen = False  # a new model per trial starts unfrozen
         self.hp_space = lambda t: {k: v for k, v in space(t).items() if hasattr(self.args, k)}
         try:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import app
 from ham_hf.inference import Classifier
 from ham_hf.labels import CLASS_CODES, display_name
+
+import app
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ham_hf import calibration, metrics, model as model_lib, ood
+from ham_hf import calibration, metrics, ood
+from ham_hf import model as model_lib
 from ham_hf.cli import main
 from ham_hf.errors import DataError, ModelError
 from ham_hf.labels import CLASS_CODES

@@ -15,6 +15,7 @@ from PIL import Image
 from ham_hf import data
 from ham_hf.cli import main
 from ham_hf.labels import CLASS_CODES
+
 from conftest import tiny_jpeg
 
 
@@ -78,11 +79,12 @@ def test_reads_imagefolder(tmp_path):
 
 def test_hub_dataset_maps_dx_strings():
     img = Image.new("RGB", (8, 8), (1, 2, 3))
+    features = datasets.Features({"image": datasets.Image(), "dx": datasets.Value("string"),
+                                  "age": datasets.Value("float32")})
     raw = datasets.Dataset.from_dict({"image": [img, img, img], "dx": ["mel", "nv", "VASC"], "age": [30, None, 5]},
-                                     features=datasets.Features({"image": datasets.Image(), "dx": datasets.Value("string"),
-                                                                 "age": datasets.Value("float32")}))
+                                     features=features)
     ds = data.from_hub_dataset(datasets.DatasetDict({"train": raw}))
-    assert [CLASS_CODES[l] for l in ds["label"]] == ["mel", "nv", "vasc"]
+    assert [CLASS_CODES[i] for i in ds["label"]] == ["mel", "nv", "vasc"]
     assert ds["age"] == [30.0, None, 5.0]
     assert ds[0]["image"].size == (8, 8)
 
@@ -140,7 +142,8 @@ def test_duplicate_images_are_reported_and_never_straddle(ham_dir):
     dups = data.find_duplicates(ds)
     assert dups == [sorted([a[1], b[1]])]
     for seed in range(10):
-        table = {r["image_id"]: r["split"] for r in data.split_table(data.split_dataset(ds, data.SplitArguments(split_seed=seed)))}
+        split = data.split_dataset(ds, data.SplitArguments(split_seed=seed))
+        table = {r["image_id"]: r["split"] for r in data.split_table(split)}
         assert table[a[1]] == table[b[1]]
 
 
@@ -180,8 +183,10 @@ def test_push_to_hub_writes_a_dataset_card(ham_dir_ro, tmp_path, monkeypatch):
     pushed = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://hf.co/datasets/{repo_id}")
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", lambda self, repo_id, **kw: pushed.update(data=repo_id))
-    monkeypatch.setattr(DatasetCard, "push_to_hub", lambda self, repo_id, **kw: pushed.update(card=self, card_repo=repo_id))
-    assert main(["prepare", "--data-dir", str(ham_dir_ro), "--output", str(tmp_path / "o"), "--push-to-hub", "me/ham"]) == 0
+    monkeypatch.setattr(DatasetCard, "push_to_hub",
+                        lambda self, repo_id, **kw: pushed.update(card=self, card_repo=repo_id))
+    argv = ["prepare", "--data-dir", str(ham_dir_ro), "--output", str(tmp_path / "o"), "--push-to-hub", "me/ham"]
+    assert main(argv) == 0
     assert pushed["data"] == pushed["card_repo"] == "me/ham"
     card = DatasetCard(str(pushed["card"]))
     assert card.data.license == "cc-by-nc-sa-4.0"
@@ -264,7 +269,7 @@ def test_cli_reports_data_errors_without_traceback(tmp_path, caplog):
 def test_real_ham10000_counts(real_ham):
     assert len(real_ham) == 10_015
     assert len(set(real_ham["lesion_id"])) == 7_470
-    counts = Counter(CLASS_CODES[l] for l in real_ham["label"])
+    counts = Counter(CLASS_CODES[i] for i in real_ham["label"])
     assert counts == {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
     assert sum(a is None for a in real_ham["age"]) == 57
 

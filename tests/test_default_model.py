@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(not (DEFAULT / "model.safetensors").is_file(), r
 
 
 def test_app_serves_the_bundled_model_by_default(monkeypatch):
-    import app
     from ham_hf.inference import resolve_model
+
+    import app
 
     monkeypatch.delenv("HAM_MODEL", raising=False)
     assert Path(resolve_model(None, app.DEFAULT_MODEL)) == DEFAULT

@@ -106,8 +106,9 @@ def test_deploy_refuses_a_backbone_folder_and_a_missing_token(fake_hub, tiny_bac
 
 
 def test_train_push_to_hub_without_an_id_uses_the_output_dir_name(tmp_path, ham_dir_ro, tiny_backbone, monkeypatch):
-    from conftest import train_argv
     from ham_hf import hub
+
+    from conftest import train_argv
 
     pushed = []
     monkeypatch.setattr(hub, "push_model", lambda folder, repo_id, **kw: pushed.append((Path(folder), repo_id)))
@@ -132,6 +133,6 @@ def test_the_space_runs_from_its_uploaded_files_alone(fake_hub, bundled_model, r
         "print('SPACE OK', max(label, key=label.get))\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HAM_HF_CACHE": str(tmp_path / "c")}
-    done = subprocess.run([sys.executable, "-c", script, str(space), str(real_images["nv"].resolve())], cwd=space, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script, str(space), str(real_images["nv"].resolve())], cwd=space,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "SPACE OK" in done.stdout, done.stderr[-3000:]

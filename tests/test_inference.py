@@ -257,7 +257,8 @@ def test_push_uploads_the_model_files(tiny_model, monkeypatch, caplog):
     card = calls["card"]
     assert card.data.pipeline_tag == "image-classification" and card.data.eval_results
     assert [w["src"].rsplit("/", 1)[1] for w in card.data.widget] == sorted(f.split("/")[1] for f in examples)
-    assert all(w["src"].startswith("https://huggingface.co/me/ham-tiny/resolve/main/examples/") for w in card.data.widget)
+    prefix = "https://huggingface.co/me/ham-tiny/resolve/main/examples/"
+    assert all(w["src"].startswith(prefix) for w in card.data.widget)
     assert secret not in caplog.text
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from ham_hf import train
 from ham_hf.cli import main
 from ham_hf.errors import UserError
+
 from conftest import train_argv
 
 NATIVE_CPU_BF16 = train.cpu_bf16_native() and not torch.cuda.is_available()
@@ -55,7 +56,8 @@ def test_bf16_true_on_a_cpu_without_it_is_one_message(tmp_path, ham_dir_ro, tiny
 def _final_weights(tmp_path, ham_dir_ro, tiny_backbone, name, *extra):
     """Train without checkpoint selection (so runs differ only by `extra`) and return (weights, results)."""
     out = tmp_path / name
-    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--bf16", "false", "--calibrate", "false",
+    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--bf16", "false",
+                      "--calibrate", "false",
                       "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", *extra)
     assert main(argv) == 0
     return load_file(str(out / "model.safetensors")), json.loads((out / "all_results.json").read_text())
@@ -132,7 +134,8 @@ def test_tune_writes_trials_and_a_config_that_train_reads(tmp_path, ham_dir_ro, 
 
 
 def test_trial_options_reach_the_recipe_and_the_arguments(tmp_path, ham_dir_ro, tiny_backbone):
-    from ham_hf import data, model as model_lib, tune
+    from ham_hf import data, tune
+    from ham_hf import model as model_lib
     from ham_hf.transforms import Preprocess
 
     model = model_lib.load_model(str(tiny_backbone))

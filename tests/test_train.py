@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from ham_hf import data, metrics, model as model_lib, train
+from ham_hf import data, metrics, train
+from ham_hf import model as model_lib
 from ham_hf.cli import main
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments
-from conftest import train_argv
 
+from conftest import train_argv
 
 # ----------------------------------------------------------------------------- the output folder
 
@@ -146,8 +147,10 @@ def test_backbone_frozen_then_unfrozen_with_lower_lr(tmp_path, ham_dir_ro, tiny_
     assert not all(torch.equal(start[k], after_frozen[k]) for k in head_keys)
     assert not all(torch.equal(after_frozen[k], after_all[k]) for k in body_keys)
     lrs = {len(g["params"]): g["initial_lr"] for g in trainer.optimizer.param_groups}
-    head_lr = [g["initial_lr"] for g in trainer.optimizer.param_groups if any(p is trainer.model.timm_model.fc.weight for p in g["params"])]
-    body_lr = [g["initial_lr"] for g in trainer.optimizer.param_groups if any(p is trainer.model.timm_model.conv1[0].weight for p in g["params"])]
+    net = trainer.model.timm_model
+    groups = trainer.optimizer.param_groups
+    head_lr = [g["initial_lr"] for g in groups if any(p is net.fc.weight for p in g["params"])]
+    body_lr = [g["initial_lr"] for g in groups if any(p is net.conv1[0].weight for p in g["params"])]
     assert head_lr == [pytest.approx(1e-2)] and body_lr == [pytest.approx(1e-3)], lrs
 
 
@@ -244,8 +247,8 @@ def test_metric_module_loads_by_path_and_matches_sklearn():
 
 
 def test_json_config_with_overrides():
-    from ham_hf.cli import parse
     from ham_hf import data as data_lib
+    from ham_hf.cli import parse
 
     config = Path(__file__).resolve().parents[1] / "configs" / "resnet50.json"
     model_args, data_args, recipe, augment, split, args = parse(

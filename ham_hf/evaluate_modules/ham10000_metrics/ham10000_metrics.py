@@ -108,7 +108,8 @@ def bootstrap_ci(probs, refs, groups, n_bootstrap, seed, **kwargs):
     return {key: [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
             for key in samples[0] for vals in [np.array([s[key] for s in samples], dtype=np.float64)]}
 
-_CITATION = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython}, author={Pedregosa, F. and others},
+_CITATION = """@article{scikit-learn, title={Scikit-learn: Machine Learning in {P}ython},
+author={Pedregosa, F. and others},
 journal={Journal of Machine Learning Research}, volume={12}, pages={2825--2830}, year={2011}}"""
 
 
