@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-logger = logging.getLogger("bench.prepare")
+from common import emit
 
 
 def run_once(data_dir: str) -> tuple[float, float]:
@@ -36,13 +36,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = [run_once(args.data_dir) for _ in range(args.repeats)]
     seconds = sorted(r[0] for r in runs)
-    logger.info("ham-hf prepare on %s: median %.1f s (min %.1f, max %.1f) over %d runs; peak RSS %.0f MB",
-                Path(args.data_dir).name, seconds[len(seconds) // 2], seconds[0], seconds[-1], len(runs),
-                max(r[1] for r in runs))
+    figures = {"data": Path(args.data_dir).name, "runs": len(runs), "median_s": round(seconds[len(seconds) // 2], 2),
+               "min_s": round(seconds[0], 2), "max_s": round(seconds[-1], 2),
+               "peak_rss_mb": round(max(r[1] for r in runs))}
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from ham_hf import data, metrics, ood, report
 from ham_hf import model as model_lib
 from ham_hf.errors import DataError, ModelError
+from ham_hf.evaluation import embed
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import CachedImages, Preprocess, cache_split
 
@@ -78,24 +79,6 @@ def check_same_split(dsd, split_file: Path) -> None:
         raise DataError(f"the validation split of this data ({len(got)} images) is not the one in {split_file} "
                         f"({len(expected)}): calibrate on the data and split options (--split_seed, fractions) the "
                         "model was trained with")
-
-
-@torch.inference_mode()
-def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.DataConfig, batch_size: int = 64,
-          bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of decoded uint8 images through the model's eval preprocessing, as float32 numpy."""
-    device = next(model.parameters()).device
-    tensors = images.images if isinstance(images, CachedImages) else images
-    pre = Preprocess(data_config).to(device)
-    feats, logits = [], []
-    model.eval()
-    for start in range(0, len(tensors), batch_size):
-        x = pre(tensors[start:start + batch_size].to(device), train=False)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f, z = model_lib.features_and_logits(model, x)
-        feats.append(f.float().cpu())
-        logits.append(z.float().cpu())
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
 def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_dir: Path, bf16: bool = False,

@@ -134,10 +134,10 @@ class EvaluateArguments:
 
 def cmd_evaluate(argv: list[str]) -> int:
     """Score a saved model on a split of any data source and write the reports."""
-    from ham_hf import data, train
+    from ham_hf import data, evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
-    train.evaluate_model(args.model, args.data, args.split, args.output, split_args, args.batch_size)
+    evaluation.evaluate_model(args.model, args.data, args.split, args.output, split_args, args.batch_size)
     return 0
 
 

@@ -372,23 +372,23 @@ def find_duplicates(dataset) -> list[list[str]]:
 
 
 def _groups(lesion_ids: Sequence[str], image_ids: Sequence[str], duplicates: list[list[str]]) -> list[int]:
-    """Assign each row a group: one per lesion, with lesions joined where they share a duplicate image."""
-    parent: dict[str, str] = {}
+    """Assign each row a group: one per lesion, with lesions joined where they share a duplicate image.
 
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    The groups are the connected components of a lesion graph whose edges are the duplicates,
+    numbered in order of first appearance (so a split depends only on the data and the seed).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
+    index = {lesion: i for i, lesion in enumerate(dict.fromkeys(lesion_ids))}
     lesion_of = dict(zip(image_ids, lesion_ids))
-    for ids in duplicates:
-        for other in ids[1:]:
-            parent[find(lesion_of[other])] = find(lesion_of[ids[0]])
-    roots = [find(lesion) for lesion in lesion_ids]
-    numbering = {r: i for i, r in enumerate(dict.fromkeys(roots))}
-    return [numbering[r] for r in roots]
+    edges = [(index[lesion_of[ids[0]]], index[lesion_of[other]]) for ids in duplicates for other in ids[1:]]
+    rows, cols = (list(e) for e in zip(*edges)) if edges else ([], [])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(index), len(index)))
+    component = connected_components(graph, directed=False)[1]
+    of_row = [component[index[lesion]] for lesion in lesion_ids]
+    numbering = {c: i for i, c in enumerate(dict.fromkeys(of_row))}
+    return [numbering[c] for c in of_row]
 
 
 def assign_splits(labels: Sequence[int], groups: Sequence[int], args: SplitArguments) -> np.ndarray:

@@ -68,6 +68,15 @@ def load_model(name_or_path: str, image_size: int | None = None, random_init: bo
     return model
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 matrix work in hardware (AVX512-BF16 or AMX), as PyTorch detects it."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def load_config(name_or_path: str):
     """Read a timm model's config from a folder or the Hub; a clear ModelError when it cannot be had."""
     from transformers import TimmWrapperConfig

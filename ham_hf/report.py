@@ -83,11 +83,12 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
         ax2.plot([e[0] for e in evals], [e[2] for e in evals], "o-", color="C2", label="validation balanced accuracy")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
-    ax1.legend()
     ax2.set_xlabel("step")
     ax2.set_ylabel("balanced accuracy")
     ax2.set_ylim(0, 1)
-    ax2.legend()
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:  # a run without evaluations has nothing to label
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)

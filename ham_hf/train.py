@@ -24,8 +24,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, report
 from ham_hf import model as model_lib
-from ham_hf.errors import DataError, ModelError, UserError
+from ham_hf.errors import DataError, UserError
 from ham_hf.labels import CLASS_CODES
+from ham_hf.model import cpu_bf16_native
 from ham_hf.transforms import AugmentArguments, CachedImages, Preprocess, cache_split
 
 logger = logging.getLogger(__name__)
@@ -294,13 +295,6 @@ def device_name(args: TrainingArguments | None = None) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU runs bf16 matrix work in hardware (AVX512-BF16 or AMX), as PyTorch detects it."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def precision(args: TrainingArguments) -> str:
     """The precision a run uses, in words: bf16, fp16 or fp32."""
     return "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
@@ -441,33 +435,3 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
         logger.info("pushing the model to the Hub repo %s", push_to)
         hub.push_model(output_dir, push_to, private=bool(args.hub_private_repo))
     return results
-
-
-def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,
-                   split_args: data.SplitArguments | None = None, batch_size: int = 128) -> dict:
-    """Score a saved HAM10000 model on one split (or all) of any data source; write the same reports."""
-    import tempfile
-
-    import datasets
-
-    if not model_lib.is_fine_tuned(model_path):
-        raise ModelError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
-                             "fine-tune it first with `ham-hf train`")
-    model = model_lib.load_model(model_path)
-    dc = model_lib.data_config(model)
-    dsd = data.load_splits(source, split_args)
-    if split == "all":
-        ds = datasets.concatenate_datasets([dsd[s] for s in data.SPLITS if len(dsd[s])])
-    elif split in dsd:
-        ds = dsd[split]
-    else:
-        raise data.DataError(f"no split {split!r} in {source}; choose one of {', '.join([*dsd, 'all'])}")
-    out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / f"eval-{split}"
-    with tempfile.TemporaryDirectory() as tmp:
-        args = resolve_precision(HamTrainingArguments(
-            output_dir=tmp, per_device_eval_batch_size=batch_size, eval_strategy="no", save_strategy="no",
-            load_best_model_at_end=False))
-        trainer = build_trainer(model, args, dc, {}, RecipeArguments(), AugmentArguments())
-        result = score(trainer, split, cache_split(ds, dc), out)
-    report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
-    return result

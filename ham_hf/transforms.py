@@ -26,19 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data.transforms import str_to_pil_interp
 from torch import nn
 
 from ham_hf.errors import ImageError
 from ham_hf.model import DataConfig
-
-PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 
 
 @dataclass
@@ -119,7 +111,7 @@ def resize_square(img: Image.Image, size: int, interpolation: str) -> np.ndarray
     w, h = img.size
     # torchvision's Resize(int) arithmetic: the long side is truncated, not rounded.
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    img = img.resize(new, PIL_FILTERS.get(interpolation, Image.Resampling.BILINEAR))
+    img = img.resize(new, str_to_pil_interp(interpolation))  # timm's own name -> PIL filter map
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 

@@ -293,3 +293,23 @@ def test_bundle_halves_the_weights_and_keeps_predictions(tmp_path, tiny_model, c
                                clf_torch.predict_proba(paths), atol=5e-3)
     np.testing.assert_allclose(_pipeline_probs(out, [Image.open(p) for p in paths]),
                                clf_torch.predict_proba(paths), atol=5e-3)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def test_grad_cam_map_shape_range_class_and_overlay(tiny_model, ham_dir_ro):
+    from ham_hf.explain import explain, grad_cam, model_view
+
+    clf = Classifier(str(tiny_model), backend="torch")
+    image = str(next(ham_dir_ro.glob("HAM10000_images_part_1/*.jpg")))
+    cam, index = grad_cam(clf, image)
+    size = clf.data_config.size
+    assert cam.shape == (size, size) and cam.dtype == np.float32
+    assert cam.min() >= 0 and cam.max() <= 1 and (cam.max() == 1 or cam.max() == 0)
+    assert index == int(np.argmax(clf.predict_proba([image])[0]))  # the predicted class by default
+    other = (index + 1) % 7
+    assert grad_cam(clf, image, class_index=other)[1] == other
+    overlay, explained = explain(clf, image, class_index=other)
+    assert explained == other and overlay.size == model_view(clf, image).size == (size, size)
+    assert overlay.mode == "RGB"
