@@ -1,17 +1,20 @@
 """The `ham-hf` command: a thin face over the stages.
 
-    ham-hf prepare  --data-dir DIR --output DIR [--push-to-hub ORG/NAME]
+    ham-hf prepare  --data DIR --output_dir DIR [--push_to_hub ORG/NAME]
     ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
     ham-hf tune     --data DIR --output_dir DIR [--n_trials 8] [--params learning_rate,...]
-    ham-hf calibrate --model DIR --data DIR [--output DIR]   (temperature scaling + OOD guard)
+    ham-hf calibrate --model DIR --data DIR [--output_dir DIR]   (temperature scaling + OOD guard)
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
     ham-hf export   --model DIR --output model.onnx
     ham-hf deploy   --space_id ORG/NAME [--model HUB_ID_OR_DIR] [--private] [--hardware cpu-basic]
-    ham-hf bundle   --model DIR --output models/ham10000-resnet50 [--dtype float16]
+    ham-hf bundle   --model DIR --output_dir models/ham10000-resnet50 [--dtype float16]
 
 Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
+One spelling per option across commands: `--data` for a data source, `--model` for a model,
+`--output_dir` for a folder written, `--output` for a single file written (predict, export); the
+older `--data-dir` and folder `--output` spellings still work as aliases.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def parse(argv: list[str], *dataclass_types, defaults: list[str] | None = None):
 class PrepareArguments:
     """Options of `ham-hf prepare`."""
 
-    data_dir: str = field(metadata={"help": "Raw source: HAM10000 / ISIC 2018 / class-folder tree, or a Hub id."})
-    output: str = field(metadata={"help": "Folder to save the DatasetDict in (save_to_disk)."})
+    data: str = field(metadata={"help": "Raw source: HAM10000 / ISIC 2018 / class-folder tree, or a Hub id.",
+                                "aliases": ["--data_dir", "--data-dir"]})
+    output_dir: str = field(metadata={"help": "Folder to save the DatasetDict in (save_to_disk).",
+                                      "aliases": ["--output"]})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Also push to this Hub dataset repo id."})
     private: bool = field(default=False, metadata={"help": "Make the pushed dataset private."})
@@ -65,12 +70,12 @@ def cmd_prepare(argv: list[str]) -> int:
     from ham_hf import data, hub
 
     args, split_args = parse(argv, PrepareArguments, data.SplitArguments)
-    dsd = data.prepare(args.data_dir, args.output, split_args, overwrite=args.overwrite)
+    dsd = data.prepare(args.data, args.output_dir, split_args, overwrite=args.overwrite)
     counts = data.class_counts(dsd)
     for name, per_class in counts.items():
         logger.info("%s: %d images %s", name, sum(per_class.values()), per_class)
     if args.push_to_hub:
-        duplicates = hub.read_json(f"{args.output}/{data.DUPLICATES_FILE}") or []
+        duplicates = hub.read_json(f"{args.output_dir}/{data.DUPLICATES_FILE}") or []
         card = hub.dataset_card(counts, split_args.describe(), duplicates)
         hub.push_dataset(dsd, args.push_to_hub, card, private=args.private)
     return 0
@@ -107,7 +112,8 @@ class CalibrateArguments:
 
     model: str = field(metadata={"help": "Model folder written by ham-hf train (or bundled)."})
     data: str = field(metadata={"help": "The data it was trained on: prepared folder, raw folder or Hub dataset id."})
-    output: str | None = field(default=None, metadata={"help": "Write the calibrated folder here (default: in place)."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Write the calibrated folder here (default: in place).", "aliases": ["--output"]})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
                                                               "the CPU runs it natively)."})
 
@@ -117,7 +123,7 @@ def cmd_calibrate(argv: list[str]) -> int:
     from ham_hf import calibration, data
 
     args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
-    calibration.calibrate(args.model, args.data, args.output, split_args, args.bf16)
+    calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16)
     return 0
 
 
@@ -128,7 +134,8 @@ class EvaluateArguments:
     model: str = field(metadata={"help": "Model folder or Hub id to score."})
     data: str = field(metadata={"help": "Prepared dataset folder, raw folder or Hub dataset id."})
     split: str = field(default="test", metadata={"help": "Split to score: train, validation, test or all."})
-    output: str | None = field(default=None, metadata={"help": "Report folder (default: MODEL/eval-SPLIT)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: MODEL/eval-SPLIT).",
+                                                           "aliases": ["--output"]})
     batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
 
 
@@ -137,7 +144,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     from ham_hf import data, evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
-    evaluation.evaluate_model(args.model, args.data, args.split, args.output, split_args, args.batch_size)
+    evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size)
     return 0
 
 
@@ -218,7 +225,8 @@ class BundleArguments:
     """Options of `ham-hf bundle`."""
 
     model: str = field(metadata={"help": "Model folder written by ham-hf train."})
-    output: str = field(default="models/ham10000-resnet50", metadata={"help": "Folder to write (the app's default)."})
+    output_dir: str = field(default="models/ham10000-resnet50", metadata={
+        "help": "Folder to write (the app's default).", "aliases": ["--output"]})
     dtype: str = field(default="float16", metadata={"help": "Storage dtype of weight tensors.",
                                                     "choices": ["float16", "bfloat16", "float32"]})
 
@@ -228,7 +236,7 @@ def cmd_bundle(argv: list[str]) -> int:
     from ham_hf import hub
 
     (args,) = parse(argv, BundleArguments)
-    hub.bundle(args.model, args.output, args.dtype)
+    hub.bundle(args.model, args.output_dir, args.dtype)
     return 0
 
 

@@ -291,3 +291,11 @@ def test_real_ham10000_split(real_ham):
     # Stratified: each class keeps its share in every split.
     for name, per_class in data.class_counts(a).items():
         assert per_class["mel"] / len(a[name]) == pytest.approx(1113 / 10_015, abs=0.01)
+
+
+def test_prepare_takes_the_common_spellings_and_the_old_ones(ham_dir_ro, tmp_path):
+    from ham_hf.cli import PrepareArguments, parse
+
+    new = parse(["--data", str(ham_dir_ro), "--output_dir", str(tmp_path / "a")], PrepareArguments)[0]
+    old = parse(["--data-dir", str(ham_dir_ro), "--output", str(tmp_path / "a")], PrepareArguments)[0]
+    assert new == old and new.data == str(ham_dir_ro) and new.output_dir == str(tmp_path / "a")
