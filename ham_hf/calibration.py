@@ -227,7 +227,7 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     Everything is written to a staging copy first and swapped in at the end: a failure leaves the
     model folder as it was.
     """
-    from ham_hf import hub, train
+    from ham_hf import export, hub
 
     if not model_lib.is_fine_tuned(model_path):
         raise ModelError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
@@ -242,13 +242,13 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     dsd = data.load_splits(source, split_args)
     check_same_split(dsd, src / data.SPLIT_FILE)
     cached = {name: cache_split(dsd[name], dc) for name in data.SPLITS if len(dsd[name])}
-    bf16 = train.cpu_bf16_native() if bf16 is None else bf16
+    bf16 = model_lib.cpu_bf16_native() if bf16 is None else bf16
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         stage = Path(tmp) / "stage"
         shutil.copytree(src, stage)
         results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True)
         split_metrics = results.pop("split_metrics", {})
-        hub.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
+        export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
         report.update_all_results(stage, results)
         hub.add_trust_section(stage / "README.md", results, split_metrics)
         if target.exists() and target != src:

@@ -233,10 +233,10 @@ class BundleArguments:
 
 def cmd_bundle(argv: list[str]) -> int:
     """Copy a trained model's Hub files into a compact folder (weights in half precision)."""
-    from ham_hf import hub
+    from ham_hf import export
 
     (args,) = parse(argv, BundleArguments)
-    hub.bundle(args.model, args.output_dir, args.dtype)
+    export.bundle(args.model, args.output_dir, args.dtype)
     return 0
 
 

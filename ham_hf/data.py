@@ -29,6 +29,7 @@ from PIL import Image as PILImage
 
 from ham_hf.errors import DataError
 from ham_hf.labels import CLASS_CODES
+from ham_hf.repo_ids import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ def detect_layout(source: str | Path) -> str:
     """Name the layout of a source: saved, ham10000, isic2018, imagefolder or hub."""
     path = Path(source)
     if not path.exists():
-        if "/" in str(source) and not str(source).startswith((".", "/")) and str(source).count("/") == 1:
+        if is_hub_id(source):
             return "hub"
         raise DataError(f"data source {source} does not exist (give a folder, or a Hub dataset id ORG/NAME)")
     if not path.is_dir():

@@ -24,12 +24,12 @@ from pathlib import Path
 from ham_hf import hub
 from ham_hf import model as model_lib
 from ham_hf.errors import ModelError, UserError
+from ham_hf.repo_ids import REPO_ID
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = Path("models") / "ham10000-resnet50"
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a CPU Space needs of requirements.txt: the app's runtime, not the training-only tools.
 NOT_ON_SPACE = ("optuna",)
 CPU_TORCH_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"

@@ -78,6 +78,54 @@ def cached_onnx(model, size: int) -> Path:
     return path if path.is_file() else export_onnx(model, size, path)
 
 
+# ----------------------------------------------------------------------------- compact weights
+
+
+def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:
+    """Copy a model folder's Hub files to output, storing weight tensors in dtype (half the size).
+
+    Normalisation parameters and buffers stay float32: a batch-norm running variance can exceed the
+    float16 range. The config keeps dtype float32, so loaders compute in float32 as before.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(model_dir), Path(output)
+    dst.mkdir(parents=True, exist_ok=True)
+    from ham_hf.hub import model_files
+
+    for name in model_files(src):
+        if name != "model.safetensors":
+            shutil.copy2(src / name, dst / name)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file(_compact(tensors, getattr(torch, dtype)), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    logger.info("bundled %s into %s (%s weights)", src, dst, dtype)
+    return dst
+
+
+def _compact(tensors: dict, dtype) -> dict:
+    """Store convolution and linear weights (the bulk) in dtype; anything 1-D (biases, norms, buffers) stays."""
+    return {k: (v.to(dtype) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
+
+
+def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
+    """Save a timm model's weights as safetensors in the storage dtype of `reference` (a bundled fp16 stays fp16)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(reference), "pt") as fh:
+        dtype = max((fh.get_slice(k) for k in fh.keys()), key=lambda t: len(t.get_shape())).get_dtype()
+    import torch
+
+    storage = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.timm_model.state_dict().items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(_compact(state, storage), str(path), metadata={"format": "pt"})
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------- int8 (static, QDQ)
 
 # Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with) and

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ham_hf.labels import CLASS_CODES, LONG_NAMES
+from ham_hf.repo_ids import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -110,32 +111,6 @@ MODEL_FILES = ("config.json", "model.safetensors", "README.md", "all_results.jso
 MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv", "*_reliability*.png")
 CARD_METRICS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy (mean recall)"),
                 ("macro_f1", "Macro F1"), ("roc_auc_macro", "Macro one-vs-rest ROC AUC"))
-
-
-def is_hub_id(value: str | None) -> bool:
-    """Whether a string looks like a Hub repo id (ORG/NAME) rather than a local path."""
-    return bool(value) and value.count("/") == 1 and not Path(value).exists() and not value.startswith((".", "/"))
-
-
-def training_summary(args, recipe, augment, dc, trainer) -> dict:
-    """Collect the hyper-parameters and the run's figures for the model card."""
-    import dataclasses
-
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    runtime = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    return {
-        "image_size": dc.size, "epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size,
-        "learning_rate_head": args.learning_rate,
-        "learning_rate_backbone": args.learning_rate * recipe.backbone_lr_multiplier,
-        "optimizer": str(args.optim), "scheduler": str(args.lr_scheduler_type), "warmup": args.warmup_steps,
-        "weight_decay": args.weight_decay, "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
-        "seed": args.seed, "device": device,
-        "train_runtime_s": runtime.get("train_runtime"), "train_images_per_s": runtime.get("train_samples_per_second"),
-        **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items()},
-        **{f"augment.{k}": v for k, v in dataclasses.asdict(augment).items()},
-    }
 
 
 def model_card(results: dict[str, dict], base_model: str, dataset: str, split_description: str,
@@ -294,49 +269,6 @@ def add_widget(card_path: Path, repo_id: str, example_names: list[str]) -> None:
     card.data.widget = [{"src": f"https://huggingface.co/{repo_id}/resolve/main/examples/{name}",
                          "example_title": LONG_NAMES.get(name.split("_")[0], name)} for name in example_names]
     card.save(card_path)
-
-
-def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:
-    """Copy a model folder's Hub files to output, storing weight tensors in dtype (half the size).
-
-    Normalisation parameters and buffers stay float32: a batch-norm running variance can exceed the
-    float16 range. The config keeps dtype float32, so loaders compute in float32 as before.
-    """
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    src, dst = Path(model_dir), Path(output)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in model_files(src):
-        if name != "model.safetensors":
-            shutil.copy2(src / name, dst / name)
-    tensors = load_file(str(src / "model.safetensors"))
-    save_file(_compact(tensors, getattr(torch, dtype)), str(dst / "model.safetensors"), metadata={"format": "pt"})
-    logger.info("bundled %s into %s (%s weights)", src, dst, dtype)
-    return dst
-
-
-def _compact(tensors: dict, dtype) -> dict:
-    """Store convolution and linear weights (the bulk) in dtype; anything 1-D (biases, norms, buffers) stays."""
-    return {k: (v.to(dtype) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
-
-
-def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
-    """Save a timm model's weights as safetensors in the storage dtype of `reference` (a bundled fp16 stays fp16)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(reference), "pt") as fh:
-        dtype = max((fh.get_slice(k) for k in fh.keys()), key=lambda t: len(t.get_shape())).get_dtype()
-    import torch
-
-    storage = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.timm_model.state_dict().items()}
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    save_file(_compact(state, storage), str(path), metadata={"format": "pt"})
-    return Path(path)
 
 
 TRUST_MARKER = "## Calibration and out-of-distribution guard"

@@ -379,6 +379,23 @@ def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Pa
                                       dataset.groups)
 
 
+def training_summary(args, recipe, augment, dc, trainer) -> dict:
+    """Collect the hyper-parameters and the run's figures for the model card."""
+    device = device_name(args)
+    runtime = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+    return {
+        "image_size": dc.size, "epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size,
+        "learning_rate_head": args.learning_rate,
+        "learning_rate_backbone": args.learning_rate * recipe.backbone_lr_multiplier,
+        "optimizer": str(args.optim), "scheduler": str(args.lr_scheduler_type), "warmup": args.warmup_steps,
+        "weight_decay": args.weight_decay, "precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32"),
+        "seed": args.seed, "device": device,
+        "train_runtime_s": runtime.get("train_runtime"), "train_images_per_s": runtime.get("train_samples_per_second"),
+        **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items()},
+        **{f"augment.{k}": v for k, v in dataclasses.asdict(augment).items()},
+    }
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArguments, augment: AugmentArguments,
         split_args: data.SplitArguments, args: HamTrainingArguments, command: str | None = None) -> dict:
     """Train, keep the best validation checkpoint, score validation and (once) test, write the output folder."""
@@ -424,7 +441,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     report.plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     card = hub.model_card(
         final, base_model=model_args.model_name_or_path, dataset=data_args.data,
-        split_description=split_args.describe(), training=hub.training_summary(args, recipe, augment, dc, trainer),
+        split_description=split_args.describe(), training=training_summary(args, recipe, augment, dc, trainer),
         command=command,
     )
     card.save(output_dir / "README.md")

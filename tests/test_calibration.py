@@ -40,7 +40,7 @@ def test_folded_temperature_is_what_every_loader_sees(tiny_model, tmp_path, ham_
     from PIL import Image
     from transformers import pipeline
 
-    from ham_hf.hub import save_weights_like
+    from ham_hf.export import save_weights_like
     from ham_hf.inference import Classifier
 
     folder = tmp_path / "folded"
