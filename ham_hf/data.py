@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image as PILImage
 
 from ham_hf.errors import DataError
+from ham_hf.images import open_image
 from ham_hf.labels import CLASS_CODES
 from ham_hf.repo_ids import is_hub_id
 
@@ -130,7 +129,7 @@ def _check_decodes(paths: Sequence[Path], payloads: Sequence[bytes]) -> None:
 
     def bad(i: int) -> str | None:
         try:
-            with PILImage.open(io.BytesIO(payloads[i])) as im:
+            with open_image(payloads[i]) as im:  # the decoders' own rule: pixel limit, readable format
                 # JPEG draft mode decodes at 1/8 scale: every byte is still read, so truncation and
                 # corruption surface, at a fraction of the cost of a full decode.
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))

@@ -14,10 +14,8 @@ come from the model's `DataConfig`, never from constants.
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -25,11 +23,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from timm.data.transforms import str_to_pil_interp
 from torch import nn
 
 from ham_hf.errors import ImageError
+from ham_hf.images import MAX_PIXELS, open_image  # noqa: F401 (MAX_PIXELS re-exported)
 from ham_hf.model import DataConfig
 
 
@@ -50,29 +49,6 @@ class AugmentArguments:
 
 # ----------------------------------------------------------------------------- decoding
 
-# Images above this many pixels are refused before decoding (decompression-bomb guard).
-MAX_PIXELS = 64_000_000
-
-
-def _open(source) -> Image.Image:
-    """Open (header only) a path or bytes, turning every failure into an ImageError."""
-    name = "the upload" if isinstance(source, (bytes, bytearray)) else os.path.basename(str(source))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name} is too large to decode safely (over {MAX_PIXELS // 1_000_000} megapixels).") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name} is not an image that can be read (use JPEG, PNG, BMP, TIFF or WebP).") from None
-    except OSError as exc:
-        raise ImageError(f"{name} could not be opened: {exc}.") from None
-    if img.width * img.height > MAX_PIXELS:
-        raise ImageError(f"{name} is {img.width}x{img.height} pixels, too large to decode safely "
-                         f"(limit {MAX_PIXELS // 1_000_000} megapixels); resize it first.")
-    return img
-
-
 def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
     """Open an image (path, bytes or PIL) as RGB, EXIF-rotated; decode JPEGs at reduced size when large.
 
@@ -83,7 +59,7 @@ def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
     if isinstance(source, Image.Image):
         img = source
     else:
-        img = _open(source)
+        img = open_image(source)
         if reduce_to and img.format == "JPEG" and min(img.size) > 4 * reduce_to:
             img.draft("RGB", (2 * reduce_to, 2 * reduce_to))
         try:

@@ -299,3 +299,15 @@ def test_prepare_takes_the_common_spellings_and_the_old_ones(ham_dir_ro, tmp_pat
     new = parse(["--data", str(ham_dir_ro), "--output_dir", str(tmp_path / "a")], PrepareArguments)[0]
     old = parse(["--data-dir", str(ham_dir_ro), "--output", str(tmp_path / "a")], PrepareArguments)[0]
     assert new == old and new.data == str(ham_dir_ro) and new.output_dir == str(tmp_path / "a")
+
+
+def test_prepare_refuses_an_image_over_the_pixel_limit_as_training_would(ham_dir, tmp_path):
+    """One rule for prepare and the decoders: an image too large to decode safely stops prepare, by name."""
+    from ham_hf.transforms import MAX_PIXELS
+
+    victim = next(ham_dir.glob("HAM10000_images_part_1/*.jpg"))
+    side = int(MAX_PIXELS ** 0.5) + 100
+    Image.new("1", (side, side)).save(victim, format="PNG")  # a small file, a huge image
+    with pytest.raises(data.DataError, match=f"{victim.stem}.*too large to decode safely"):
+        data.prepare(str(ham_dir), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
