@@ -285,7 +285,9 @@ def test_real_ham10000_split(real_ham):
     assert sizes["train"] == pytest.approx(0.70 * 10_015, abs=30)
     assert sizes["validation"] == pytest.approx(0.15 * 10_015, abs=30)
     # What grouping prevents: a plain stratified split leaks hundreds of lesions into the held-out part.
-    leak = data.plain_split_leakage(real_ham)
+    from ham_hf import explore
+
+    leak = explore.plain_split_leakage(real_ham)
     assert leak["lesions_in_train_and_held_out"] > 300
     assert 0 < leak["held_out_images_with_lesion_in_train"] < leak["held_out_images"]
     # Stratified: each class keeps its share in every split.
