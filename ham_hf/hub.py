@@ -15,6 +15,8 @@ from ham_hf.repo_ids import is_hub_id
 logger = logging.getLogger(__name__)
 
 LICENSE = "cc-by-nc-sa-4.0"
+# Card bodies are Jinja templates (ModelCard / DatasetCard.from_template), filled with the run's figures.
+TEMPLATES = Path(__file__).parent / "templates"
 CITATION = """@article{tschandl2018ham10000,
   title   = {The HAM10000 dataset, a large collection of multi-source dermatoscopic images of common
              pigmented skin lesions},
@@ -51,38 +53,9 @@ def dataset_card(counts: dict[str, dict[str, int]], split_description: str, dupl
         size_categories=["10K<n<100K"] if sum(sum(c.values()) for c in counts.values()) >= 10_000 else ["1K<n<10K"],
     )
     dup_text = "\n".join(f"- {', '.join(ids)}" for ids in duplicates) or "- none found"
-    content = f"""---
-{data.to_yaml()}
----
-
-# HAM10000, lesion-grouped train / validation / test
-
-Dermatoscopic images of pigmented skin lesions in 7 diagnostic classes, prepared with the
-ham-hf command `ham-hf prepare`.
-
-**Source:** {SOURCE}.
-
-**Licence:** CC BY-NC-SA 4.0 (non-commercial, share-alike, attribution to the authors).
-
-## Split protocol
-
-{split_description}
-
-## Images per class and split
-
-{_counts_table(counts)}
-
-## Byte-identical images (kept together in one split)
-
-{dup_text}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    return DatasetCard(content)
+    return DatasetCard.from_template(
+        data, template_path=str(TEMPLATES / "dataset_card.md"), source=SOURCE, split_description=split_description,
+        counts_table=_counts_table(counts), duplicates=dup_text, citation=CITATION)
 
 
 def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | None = None) -> str:
@@ -145,74 +118,10 @@ def model_card(results: dict[str, dict], base_model: str, dataset: str, split_de
 
     hyper = "\n".join(f"| {k} | {v} |" for k, v in training.items())
     classes = "\n".join(f"| {i} | {c} | {LONG_NAMES[c]} |" for i, c in enumerate(CLASS_CODES))
-    content = f"""---
-{data.to_yaml()}
----
-
-# HAM10000 skin-lesion classifier
-
-A timm image classifier fine-tuned on HAM10000 to tell 7 kinds of pigmented skin lesion apart
-from a dermatoscopic image. Base model: `{base_model}`.
-
-```python
-from transformers import pipeline
-classifier = pipeline("image-classification", model="<this repo or folder>")
-classifier("lesion.jpg", top_k=7)
-```
-
-It also loads with `timm.create_model("hf-hub:<repo>", pretrained=True)` (or `local-dir:<folder>`).
-
-| id | label | diagnosis |
-|---|---|---|
-{classes}
-
-## Intended use and limitations
-
-**Research and teaching only. Not a medical device; not for diagnosis or treatment decisions.**
-
-- Trained on dermatoscopic images (HAM10000: mostly fair-skinned patients from Austria and
-  Australia). Clinical (non-dermatoscopic) photos, other skin types, other devices and rare
-  diagnoses outside these 7 classes are out of distribution: expect worse and uncalibrated
-  answers there.
-- nv (melanocytic nevus) is 67% of the data; class-weighted training trades some accuracy for
-  recall on the rare classes. Balanced accuracy (mean recall) is the selection metric.
-- Scores on one internal split over-estimate performance on images from other clinics.
-
-## Training data and split protocol
-
-{SOURCE}. Licence CC BY-NC-SA 4.0.
-
-{split_description}
-
-The checkpoint was selected on validation balanced accuracy; the test split was scored once, after training.
-
-## Results
-
-Validation:
-
-{metric_table("validation")}
-
-Test:
-
-{metric_table("test")}
-
-## Training
-
-```bash
-{command}
-```
-
-| setting | value |
-|---|---|
-{hyper}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    return ModelCard(content)
+    return ModelCard.from_template(
+        data, template_path=str(TEMPLATES / "model_card.md"), base_model=base_model, classes=classes, source=SOURCE,
+        split_description=split_description, command=command, hyper=hyper, citation=CITATION,
+        validation_table=metric_table("validation"), test_table=metric_table("test"))
 
 
 def model_files(model_dir: str | Path) -> list[str]:

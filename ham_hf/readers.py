@@ -181,7 +181,13 @@ def read_isic2018(data_dir: str | Path):
 
 
 def read_imagefolder(data_dir: str | Path):
-    """Read a folder with one sub-folder per class code (akiec/, bcc/, ...); each image is its own lesion."""
+    """Read a folder with one sub-folder per class code (akiec/, bcc/, ...); each image is its own lesion.
+
+    Kept rather than `load_dataset("imagefolder")`: that builds an Arrow cache copying every image
+    (a second copy of the data on disk before `prepare` writes its own), and it takes any folder name
+    as a class, where this reader maps names onto the 7 codes and refuses others by name; the image
+    check is the same one the other readers use.
+    """
     root = Path(data_dir)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     rows, paths = [], []

@@ -95,13 +95,20 @@ def test_hub_dataset_refuses_unknown_dx():
         data.from_hub_dataset(raw)
 
 
-def test_read_hub_goes_through_load_dataset(monkeypatch):
-    calls = []
-    raw = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "dx": ["df"]})
-    monkeypatch.setattr(datasets, "load_dataset", lambda repo: calls.append(repo) or raw)
-    assert data.detect_layout("someone/ham10000") == "hub"
-    ds = data.read_source("someone/ham10000")
-    assert calls == ["someone/ham10000"] and CLASS_CODES[ds[0]["label"]] == "df"
+def test_read_hub_loads_a_dataset_repo_through_load_dataset(tmp_path):
+    """A Hub-style dataset repo (parquet with an image and a string dx column), loaded by the real load_dataset."""
+    repo = tmp_path / "someone__ham10000"
+    (repo / "data").mkdir(parents=True)
+    raw = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4), c) for c in ((1, 2, 3), (9, 9, 9))],
+                                      "dx": ["df", "MEL"], "lesion_id": ["L1", "L2"]},
+                                     features=datasets.Features({"image": datasets.Image(),
+                                                                 "dx": datasets.Value("string"),
+                                                                 "lesion_id": datasets.Value("string")}))
+    raw.to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    ds = data.read_hub(str(repo))
+    assert [CLASS_CODES[i] for i in ds["label"]] == ["df", "mel"] and ds["lesion_id"] == ["L1", "L2"]
+    assert ds.features == data.features()
+    assert data.detect_layout("someone/ham10000") == "hub"  # an id that is not a local path
 
 
 # ----------------------------------------------------------------------------- split

@@ -15,14 +15,19 @@ def tiny(tiny_backbone):
     return model, model_lib.data_config(model)
 
 
-def test_eval_path_equals_the_pipeline_image_processor(tiny_model, ham_dir_ro, real_ham_dir):
-    """Training's eval crop and the Hub pipeline's preprocessing see the same pixels."""
+def test_eval_path_equals_the_pipeline_image_processor(tiny_model, tmp_path):
+    """Training's eval crop and the Hub pipeline's preprocessing see the same pixels (odd sizes, both orientations)."""
+    import numpy as np
     from PIL import Image
     from transformers import AutoImageProcessor
 
     model = model_lib.load_model(str(tiny_model))
     dc = model_lib.data_config(model)
-    paths = sorted(real_ham_dir.glob("HAM10000_images_part_1/*.jpg"))[:4]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(200, 150), (150, 200), (333, 111), (97, 61)]):
+        paths.append(tmp_path / f"noise{i}.png")  # lossless: both paths read the same pixels
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     processor = AutoImageProcessor.from_pretrained(str(tiny_model))
     expected = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
     ours = Preprocess(dc)(decode_images(paths, dc.resize, dc.interpolation), train=False)
