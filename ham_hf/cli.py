@@ -67,6 +67,9 @@ class PrepareArguments:
 
 def cmd_prepare(argv: list[str]) -> int:
     """Read, split and save a data set; optionally push it with a dataset card."""
+    import json
+    from pathlib import Path
+
     from ham_hf import data, hub
 
     args, split_args = parse(argv, PrepareArguments, data.SplitArguments)
@@ -75,7 +78,7 @@ def cmd_prepare(argv: list[str]) -> int:
     for name, per_class in counts.items():
         logger.info("%s: %d images %s", name, sum(per_class.values()), per_class)
     if args.push_to_hub:
-        duplicates = hub.read_json(f"{args.output_dir}/{data.DUPLICATES_FILE}") or []
+        duplicates = json.loads((Path(args.output_dir) / data.DUPLICATES_FILE).read_text())
         card = hub.dataset_card(counts, split_args.describe(), duplicates)
         hub.push_dataset(dsd, args.push_to_hub, card, private=args.private)
     return 0

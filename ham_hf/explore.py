@@ -1,12 +1,18 @@
-"""Exploration helpers for the walkthrough notebook: the metadata as a frame, and what a plain
-(not lesion-grouped) split would leak. The notebook tells the story; these only count.
+"""Helpers for the walkthrough notebook: the metadata as a frame, what a plain (not lesion-grouped)
+split would leak, an image grid, and a run's reports read back. The notebook tells the story.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
 import numpy as np
 
 from ham_hf.labels import CLASS_CODES
+from ham_hf.report import _figure
 from ham_hf.split import SplitArguments
 
 
@@ -37,3 +43,39 @@ def plain_split_leakage(dataset, args: SplitArguments | None = None) -> dict[str
         "held_out_images_with_lesion_in_train": int(sum(lesions[i] in train_lesions for i in rest)),
         "held_out_images": int(len(rest)),
     }
+
+
+def plot_image_grid(images: Sequence, titles: Sequence[str], ncols: int = 4, colours: Sequence[str] | None = None,
+                    size: float = 2.6):
+    """Return a matplotlib Figure showing images in a grid with a (coloured) title each."""
+    nrows = max(1, -(-len(images) // ncols))
+    fig = _figure(figsize=(size * ncols, size * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (ax, img, title) in enumerate(zip(axes.flat, images, titles)):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8, color=colours[k] if colours else "black")
+    fig.tight_layout()
+    return fig
+
+
+def prediction_titles(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """Titles ("true -> predicted (p)") and colours (green right, red wrong) for prediction-CSV rows."""
+    titles, colours = [], []
+    for r in rows:
+        p = float(r[f"prob_{r['predicted']}"])
+        titles.append(f"true {r['label']} -> {r['predicted']} ({p:.0%})")
+        colours.append("green" if r["label"] == r["predicted"] else "red")
+    return titles, colours
+
+
+def read_metrics(output_dir: str | Path, split: str) -> dict:
+    """Read a split's metrics JSON written by write_split_reports."""
+    return json.loads((Path(output_dir) / f"{split}_metrics.json").read_text())
+
+
+def read_predictions(output_dir: str | Path, split: str) -> list[dict]:
+    """Read a split's predictions CSV written by write_split_reports."""
+    with (Path(output_dir) / f"{split}_predictions.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))

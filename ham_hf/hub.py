@@ -5,7 +5,6 @@ The token comes from `HF_TOKEN` or the saved `huggingface-cli login`; it is neve
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -68,12 +67,6 @@ def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | No
     card.push_to_hub(repo_id, repo_type="dataset", token=token)
     logger.info("pushed dataset to %s", url)
     return str(url)
-
-
-def read_json(path: str | Path) -> dict:
-    """Read a JSON file (empty dict when absent)."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- models

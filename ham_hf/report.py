@@ -153,39 +153,3 @@ def update_all_results(output_dir: str | Path, results: dict) -> Path:
     current.update(results)
     path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def plot_image_grid(images: Sequence, titles: Sequence[str], ncols: int = 4, colours: Sequence[str] | None = None,
-                    size: float = 2.6):
-    """Return a matplotlib Figure showing images in a grid with a (coloured) title each."""
-    nrows = max(1, -(-len(images) // ncols))
-    fig = _figure(figsize=(size * ncols, size * nrows + 0.3))
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, (ax, img, title) in enumerate(zip(axes.flat, images, titles)):
-        ax.imshow(img)
-        ax.set_title(title, fontsize=8, color=colours[k] if colours else "black")
-    fig.tight_layout()
-    return fig
-
-
-def prediction_titles(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
-    """Titles ("true -> predicted (p)") and colours (green right, red wrong) for prediction-CSV rows."""
-    titles, colours = [], []
-    for r in rows:
-        p = float(r[f"prob_{r['predicted']}"])
-        titles.append(f"true {r['label']} -> {r['predicted']} ({p:.0%})")
-        colours.append("green" if r["label"] == r["predicted"] else "red")
-    return titles, colours
-
-
-def read_metrics(output_dir: str | Path, split: str) -> dict:
-    """Read a split's metrics JSON written by write_split_reports."""
-    return json.loads((Path(output_dir) / f"{split}_metrics.json").read_text())
-
-
-def read_predictions(output_dir: str | Path, split: str) -> list[dict]:
-    """Read a split's predictions CSV written by write_split_reports."""
-    with (Path(output_dir) / f"{split}_predictions.csv").open(newline="") as fh:
-        return list(csv.DictReader(fh))
