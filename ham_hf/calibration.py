@@ -37,8 +37,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, objective: str = "br
     Temperature scaling (Guo et al., 2017) is usually fitted by likelihood. Here the decision rule is
     logit-adjusted for the class prior, so one temperature cannot calibrate every class at once, and
     the likelihood's optimum favours the tail classes over the top probability a user reads; the Brier
-    score, also a proper score, weighs them as the user does (README, "Calibration": ECE 0.052 vs
-    0.094 on validation for the bundled model).
+    score, also a proper score, weighs them as the user does (README, "Trustworthy answers": on the
+    default model, validation ECE 0.059 with the Brier fit against 0.101 with the likelihood fit).
     """
     from scipy.optimize import minimize_scalar
     from scipy.special import log_softmax, softmax

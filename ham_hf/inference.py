@@ -114,14 +114,10 @@ class Classifier:
         """The model's OOD guard (a local file, or from the Hub repo), or None when it has none."""
         from ham_hf import ood
 
-        path = ood.guard_path(name_or_path)
-        if not Path(name_or_path).is_dir():
-            try:
-                from huggingface_hub import hf_hub_download
-
-                path = Path(hf_hub_download(name_or_path, ood.GUARD_FILE))
-            except Exception:  # no guard in the repo (or offline): predictions carry no verdict
-                return None
+        try:
+            path = self._model_file(ood.GUARD_FILE)
+        except Exception:  # no guard in the repo (or offline): predictions carry no verdict
+            return None
         if not path.is_file():
             return None
         guard = ood.Guard.load(path)
