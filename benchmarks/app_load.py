@@ -12,35 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import REPO, emit, images, model_folder, summary
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, timeout: float = 180) -> None:
-    """Wait until the app answers."""
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"app at {url} did not start in {timeout}s")
+from common import emit, free_port, images, model_folder, start_app, summary, wait_up
 
 
 def main() -> None:
@@ -58,9 +33,7 @@ def main() -> None:
 
     port, folder = free_port(), model_folder(a.model)
     url = f"http://127.0.0.1:{port}/"
-    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", folder, "--port", str(port)],
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_app(folder, port)
     try:
         wait_up(url)
         files = images(a.data_dir, a.clients * a.requests)

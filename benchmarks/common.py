@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +48,32 @@ def emit(figures: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(figures, fh, indent=2)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, timeout: float = 180) -> None:
+    """Wait until the app answers."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"app at {url} did not start in {timeout}s")
+
+
+def start_app(model: str, port: int, env: dict | None = None) -> subprocess.Popen:
+    """Start app.py on the loopback interface, offline, as `make demo` runs it."""
+    return subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                                 **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

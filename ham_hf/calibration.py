@@ -221,11 +221,12 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
 
 
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
-              bf16: bool | None = None) -> dict:
+              bf16: bool | None = None, int8_only: bool = False) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
 
-    Everything is written to a staging copy first and swapped in at the end: a failure leaves the
-    model folder as it was.
+    With `int8_only`, only the int8 ranges and fidelity record are refitted (after an ONNX Runtime
+    or int8 recipe change): weights, temperature and guard stay as they are. Everything is written
+    to a staging copy first and swapped in at the end: a failure leaves the model folder as it was.
     """
     from ham_hf import export, hub
 
@@ -241,16 +242,23 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     dc = model_lib.data_config(model)
     dsd = data.load_splits(source, split_args)
     check_same_split(dsd, src / data.SPLIT_FILE)
-    cached = {name: cache_split(dsd[name], dc) for name in data.SPLITS if len(dsd[name])}
+    splits = ("train", "validation") if int8_only else data.SPLITS
+    cached = {name: cache_split(dsd[name], dc) for name in splits if len(dsd[name])}
     bf16 = model_lib.cpu_bf16_native() if bf16 is None else bf16
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         stage = Path(tmp) / "stage"
         shutil.copytree(src, stage)
-        results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True)
-        split_metrics = results.pop("split_metrics", {})
-        export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
-        report.update_all_results(stage, results)
-        hub.add_trust_section(stage / "README.md", results, split_metrics)
+        if int8_only:
+            guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
+            results = {f"int8_{k}": v for k, v in fit_int8(model, dc, cached, stage, guard).items()
+                       if not isinstance(v, dict)}
+            report.update_all_results(stage, results)
+        else:
+            results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True)
+            split_metrics = results.pop("split_metrics", {})
+            export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
+            report.update_all_results(stage, results)
+            hub.add_trust_section(stage / "README.md", results, split_metrics)
         if target.exists() and target != src:
             shutil.rmtree(target)
         if target == src:

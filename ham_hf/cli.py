@@ -3,7 +3,7 @@
     ham-hf prepare  --data DIR --output_dir DIR [--push_to_hub ORG/NAME]
     ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
     ham-hf tune     --data DIR --output_dir DIR [--n_trials 8] [--params learning_rate,...]
-    ham-hf calibrate --model DIR --data DIR [--output_dir DIR]   (temperature scaling + OOD guard)
+    ham-hf calibrate --model DIR --data DIR [--output_dir DIR] [--int8_only]   (temperature scaling + OOD guard + int8)
     ham-hf evaluate --model DIR --data DIR [--split test]
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
@@ -119,6 +119,8 @@ class CalibrateArguments:
         "help": "Write the calibrated folder here (default: in place).", "aliases": ["--output"]})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
                                                               "the CPU runs it natively)."})
+    int8_only: bool = field(default=False, metadata={
+        "help": "Refit only the int8 ranges and fidelity record; weights, temperature and guard stay."})
 
 
 def cmd_calibrate(argv: list[str]) -> int:
@@ -126,7 +128,7 @@ def cmd_calibrate(argv: list[str]) -> int:
     from ham_hf import calibration, data
 
     args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
-    calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16)
+    calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only)
     return 0
 
 

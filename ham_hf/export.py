@@ -132,8 +132,21 @@ def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
 # the fidelity check that decides whether int8 is served.
 INT8_RANGES = "int8_ranges.json"
 INT8_FIDELITY = "int8_fidelity.json"
-# How activation ranges are measured (ONNX Runtime's CalibrationMethod name).
+# How activation ranges are measured (ONNX Runtime's CalibrationMethod name). The moving average
+# of per-batch extremes, not the extremes over all images: with plain MinMax, rare outliers set the
+# ranges of the later stages and their typical activations round to zero (on the default model,
+# top-1 agreement with fp32 on validation 0.979 against 0.987, stem float in both; Percentile and
+# Entropy ranges gave 0.985 and 0.979).
 INT8_METHOD = "MinMax"
+INT8_OPTIONS = {"CalibMovingAverage": True}
+# The cumulative input stride up to which the graph stays float: the stem and the first stage, where
+# the image's fine detail still is. On the default model: everything quantized 0.963 agreement,
+# stem float 0.979 (0.987 with the ranges above), stem and first stage float 0.991, for a bare
+# forward of 17 ms against 12.5 ms all-int8 and 48 ms fp32. The head stays float too (tiny, and it
+# alone sets the temperature-sharpened probabilities).
+FLOAT_UNTIL_STRIDE = 4
+# Part of the int8 cache key: a change of the recipe above must not reuse an old build.
+INT8_RECIPE = f"{INT8_METHOD}:{sorted(INT8_OPTIONS.items())}:float-stride-{FLOAT_UNTIL_STRIDE}:float-head"
 
 
 class Int8Unavailable(RuntimeError):
@@ -168,6 +181,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
     out_path, ranges_path = Path(out_path), Path(ranges_path)
     if batches is None and not ranges_path.is_file():
         raise Int8Unavailable(f"no {ranges_path.name} beside the model (run `ham-hf calibrate` to measure it)")
+    if batches is not None:
+        ranges_path.unlink(missing_ok=True)  # ONNX Runtime would reuse an existing file instead of measuring
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # folds batch norms, infers shapes
@@ -178,13 +193,12 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
                 raise Int8Unavailable(f"{ranges_path.name} names {len(missing)} tensors this graph lacks "
                                       "(exported by another torch version?); refit with `ham-hf calibrate`")
         tmp_out = Path(tmp) / "int8.onnx"
-        # The head stays float: it is tiny, and it alone sets the (temperature-sharpened) probabilities.
-        head = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Gemm", "MatMul")]
         try:
             quantize_static(str(prepared), str(tmp_out), _Batches(batches) if batches is not None else None,
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
-                            nodes_to_exclude=head, calibration_cache_path=str(ranges_path))
+                            nodes_to_exclude=float_nodes(onnx.load(str(prepared)).graph),
+                            extra_options=dict(INT8_OPTIONS), calibration_cache_path=str(ranges_path))
         except TypeError as exc:  # an ONNX Runtime older than calibration caches
             raise Int8Unavailable(f"this ONNX Runtime cannot reuse calibration ranges ({exc})") from None
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,12 +207,25 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
     return out_path
 
 
+def float_nodes(graph) -> list[str]:
+    """The nodes int8 leaves float: all before the graph's stride passes FLOAT_UNTIL_STRIDE, and the head."""
+    names, stride, early = [], 1, True
+    for node in graph.node:  # ONNX keeps nodes in topological order
+        if early and node.op_type in ("Conv", "MaxPool", "AveragePool"):
+            strides = next((list(a.ints) for a in node.attribute if a.name == "strides"), [1])
+            early = stride * max(strides) <= FLOAT_UNTIL_STRIDE
+            stride = stride * max(strides) if early else stride
+        if early or node.op_type in ("Gemm", "MatMul", "GlobalAveragePool", "Flatten"):
+            names.append(node.name)
+    return names
+
+
 def cached_int8(model, size: int, ranges_path: str | Path) -> Path:
     """The cached int8 build of these weights and ranges, quantizing the fp32 export first if needed."""
     ranges_path = Path(ranges_path)
     if not ranges_path.is_file():
         raise Int8Unavailable(f"no {ranges_path.name} beside the model")
-    digest = hashlib.sha256(ranges_path.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(ranges_path.read_bytes() + INT8_RECIPE.encode()).hexdigest()[:12]
     path = cache_dir() / f"{weights_digest(model, size)}-{digest}-int8.onnx"
     if path.is_file():
         return path

@@ -119,3 +119,40 @@ def test_bundled_int8_reproduces_its_recorded_fidelity_on_real_images(bundled_mo
     agreement = (p8.argmax(1) == p32.argmax(1)).mean()
     assert abs(agreement - record["top1_agreement"]) < 0.03, (agreement, record["top1_agreement"])
     assert Classifier(str(bundled_model)).backend == ("onnx-int8" if record["passed"] else "onnx")
+
+
+def test_int8_leaves_the_stem_first_stage_and_head_float(calibrated_tiny_model, cache):
+    """The quantized graph keeps float convolutions up to stride FLOAT_UNTIL_STRIDE and the head; the rest is int8."""
+    import onnx
+
+    from ham_hf import model as model_lib
+
+    model = model_lib.load_model(str(calibrated_tiny_model))
+    graph = onnx.load(str(export.cached_int8(model, 40, calibrated_tiny_model / export.INT8_RANGES))).graph
+    dequantized = {t for n in graph.node if n.op_type == "DequantizeLinear" for t in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    quantized = [bool(dequantized & set(n.input)) for n in convs]
+    assert not quantized[0] and not quantized[-1]  # the stem, and the head (Gemm)
+    assert any(quantized) and sum(quantized) < len(convs) - 1
+
+
+def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model, ham_dir_ro, tmp_path, cache):
+    """`ham-hf calibrate --int8_only` rewrites the int8 files; weights, guard and temperature are left alone."""
+    from ham_hf import ood
+    from ham_hf.cli import main
+
+    folder = _copy(calibrated_tiny_model, tmp_path)
+    stale = json.loads((folder / export.INT8_RANGES).read_text())
+    for tensor in stale["data"].values():  # ranges of another model: they must be measured again, not reused
+        tensor["highest"]["data"] = [x * 10 + 1 for x in tensor["highest"]["data"]]
+    (folder / export.INT8_RANGES).write_text(json.dumps(stale))
+    (folder / export.INT8_FIDELITY).unlink()
+    kept = {name: (folder / name).read_bytes() for name in ("model.safetensors", ood.GUARD_FILE)}
+    before = json.loads((folder / "all_results.json").read_text())
+    assert main(["calibrate", "--model", str(folder), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
+    assert all((folder / name).read_bytes() == data for name, data in kept.items())
+    assert json.loads((folder / export.INT8_RANGES).read_text()) == json.loads(
+        (calibrated_tiny_model / export.INT8_RANGES).read_text())
+    after = json.loads((folder / "all_results.json").read_text())
+    assert after["temperature"] == before["temperature"] and "int8_top1_agreement" in after
+    assert json.loads((folder / export.INT8_FIDELITY).read_text())["n_validation"] > 0
