@@ -252,7 +252,11 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
             results = {f"int8_{k}": v for k, v in fit_int8(model, dc, cached, stage, guard).items()
                        if not isinstance(v, dict)}
-            report.update_all_results(stage, results)
+            merged = json.loads(report.update_all_results(stage, results).read_text())
+            split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
+                             for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
+            if "temperature" in merged:  # the card's trust section exists only for a calibrated model
+                hub.add_trust_section(stage / "README.md", merged, split_metrics)
         else:
             results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True)
             split_metrics = results.pop("split_metrics", {})

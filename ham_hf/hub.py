@@ -224,6 +224,13 @@ def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -
                   f"- non-dermoscopic images ({results['ood_n_images']} from scikit-image, scikit-learn and generated "
                   f"colours, noise, gradients, text and charts): AUROC {results['ood_auroc']:.4f}, flagged "
                   f"{100 * results['ood_flagged']:.1f}%"]
+    if "int8_passed" in results:
+        lines += ["", f"**int8 on the CPU** (`int8_ranges.json`, `int8_fidelity.json`): against float32 on the "
+                  f"validation split, top-1 agreement {results['int8_top1_agreement']:.4f}, balanced accuracy "
+                  f"{results['int8_balanced_accuracy_int8']:.4f} vs {results['int8_balanced_accuracy_fp32']:.4f}: "
+                  + ("the fidelity gate passed, so the app, `ham-hf predict` and `Classifier` serve int8 on the CPU by "
+                     "default (the stock `pipeline` runs the float32 weights)."
+                     if results["int8_passed"] else "the fidelity gate failed, so float32 is served.")]
     return "\n".join(lines) + "\n"
 
 

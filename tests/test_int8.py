@@ -156,3 +156,6 @@ def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model,
     after = json.loads((folder / "all_results.json").read_text())
     assert after["temperature"] == before["temperature"] and "int8_top1_agreement" in after
     assert json.loads((folder / export.INT8_FIDELITY).read_text())["n_validation"] > 0
+    card = (folder / "README.md").read_text()
+    assert "**int8 on the CPU**" in card and "95% confidence intervals" in card
+    assert f"T = {after['temperature']:.3f}" in card
