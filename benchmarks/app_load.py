@@ -4,7 +4,7 @@
         [--clients 20] [--requests 10]
 
 Starts `app.py` in a subprocess on 127.0.0.1, then `--clients` threads each send `--requests`
-predictions (different real images) through `gradio_client`. Reports errors and p50 / p95
+predictions (different real images) through `gradio_client`. Reports errors, answers the guard flagged, p50 / p95
 latency as a client sees it (queueing included).
 """
 
@@ -15,7 +15,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import emit, free_port, images, model_folder, start_app, summary, wait_up
+from common import answered, emit, free_port, images, model_folder, start_app, summary, wait_up
 
 
 def main() -> None:
@@ -38,18 +38,20 @@ def main() -> None:
         wait_up(url)
         files = images(a.data_dir, a.clients * a.requests)
 
-        def client_run(k: int) -> tuple[list[float], int]:
+        def client_run(k: int) -> tuple[list[float], int, int]:
             client = Client(url, verbose=False)
-            lat, errors = [], 0
+            lat, errors, flagged = [], 0, 0
             for i in range(a.requests):
                 start = time.perf_counter()
                 try:
-                    label, _ = client.predict(handle_file(files[k * a.requests + i]), False, api_name="/predict")
-                    errors += len(label["confidences"]) != 7
-                except Exception:  # every failure counts, whatever its kind
+                    response = client.predict(handle_file(files[k * a.requests + i]), False, api_name="/predict")
+                    errors += not answered(response)
+                    flagged += response[2].get("in_distribution") is False
+                except Exception as exc:  # every failure counts, whatever its kind
+                    logging.getLogger("bench").warning("prediction failed: %r", exc)
                     errors += 1
                 lat.append(time.perf_counter() - start)
-            return lat, errors
+            return lat, errors, flagged
 
         start = time.perf_counter()
         with ThreadPoolExecutor(a.clients) as pool:
@@ -58,8 +60,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    latencies = [x for lat, _ in runs for x in lat]
-    result = {"clients": a.clients, "predictions": len(latencies), "errors": sum(e for _, e in runs),
+    latencies = [x for lat, _, _ in runs for x in lat]
+    result = {"clients": a.clients, "predictions": len(latencies), "errors": sum(e for _, e, _ in runs),
+              "flagged_not_a_lesion": sum(f for _, _, f in runs),
               "throughput_per_s": round(len(latencies) / wall, 1), **summary(latencies)}
     emit(result, a.json)
 

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from common import emit, free_port, images, model_folder, start_app, wait_up
+from common import answered, emit, free_port, images, model_folder, start_app, wait_up
 
 
 def launch_to_answer(folder: str, image: str, cache: str) -> dict[str, float]:
@@ -30,9 +30,9 @@ def launch_to_answer(folder: str, image: str, cache: str) -> dict[str, float]:
         url = f"http://127.0.0.1:{port}/"
         wait_up(url)
         page = time.perf_counter() - start
-        label, _ = Client(url, verbose=False).predict(handle_file(image), False, api_name="/predict")
-        if len(label["confidences"]) != 7:
-            raise RuntimeError(f"unexpected answer {label}")
+        response = Client(url, verbose=False).predict(handle_file(image), False, api_name="/predict")
+        if not answered(response):
+            raise RuntimeError(f"unexpected answer {response}")
         return {"page_s": page, "first_answer_s": time.perf_counter() - start}
     finally:
         server.terminate()

@@ -77,3 +77,11 @@ def start_app(model: str, port: int, env: dict | None = None) -> subprocess.Pope
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                                  **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def answered(response) -> bool:
+    """Whether an app `/predict` response is a proper answer: 7 probabilities, or the guard's flag."""
+    label, _, verdict = response
+    if not (label or {}).get("confidences"):
+        return verdict.get("in_distribution") is False  # a flagged image: the message, no diagnosis
+    return len(label["confidences"]) == 7
