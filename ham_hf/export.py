@@ -163,9 +163,8 @@ class _Batches:
         return next(self._it, None)
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None,
-                  method: str = INT8_METHOD) -> Path:
-    """Static int8 quantization (QDQ, per-channel int8 weights, uint8 activations, `method` ranges).
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None) -> Path:
+    """Static int8 quantization by INT8_RECIPE (QDQ, per-channel int8 weights, uint8 activations).
 
     With `batches` (preprocessed float32 arrays) the ranges are measured and written to `ranges_path`;
     without, the ranges already at `ranges_path` are used, so int8 can be built where no data is.
@@ -196,7 +195,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
         try:
             quantize_static(str(prepared), str(tmp_out), _Batches(batches) if batches is not None else None,
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, INT8_METHOD),
                             nodes_to_exclude=float_nodes(onnx.load(str(prepared)).graph),
                             extra_options=dict(INT8_OPTIONS), calibration_cache_path=str(ranges_path))
         except TypeError as exc:  # an ONNX Runtime older than calibration caches
