@@ -18,6 +18,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,12 +82,19 @@ class Guard:
             raise ModelError(f"the OOD guard reads {self.feature_size} features per image, the model gives "
                              f"{features.shape[-1]}: the guard belongs to another model; refit it with "
                              "`ham-hf calibrate --model DIR --data ...`")
+        mean, projection, centres, precision = self._float64
         # One BLAS thread: these products are small, and OpenBLAS threads left spinning after them would
         # take the cores from the next forward pass (measured: the app's p50 doubled).
         with _blas_threads(1):
-            z = (features - self.mean) @ self.components.T.astype(np.float64)
-            d = z[:, None, :] - self.centres[None].astype(np.float64)
-            return np.einsum("nkd,de,nke->nk", d, self.precision.astype(np.float64), d).min(axis=1)
+            d = ((features - mean) @ projection)[:, None, :] - centres[None]  # (N, K, d)
+            # d P d per row and centre as one matrix product: a three-operand einsum took 8x longer.
+            return ((d @ precision) * d).sum(axis=-1).min(axis=1)
+
+    @cached_property
+    def _float64(self) -> tuple[np.ndarray, ...]:
+        """mean, projection (D, d), centres and precision in float64, converted once rather than per call."""
+        return tuple(np.asarray(a, dtype=np.float64) for a in (self.mean, self.components.T, self.centres,
+                                                                self.precision))
 
     def in_distribution(self, scores: np.ndarray) -> np.ndarray:
         """Whether each score passes the threshold."""

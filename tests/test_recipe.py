@@ -89,6 +89,41 @@ def test_choose_tau_recovers_a_prior_shifted_decision_and_prefers_small_tau_on_t
     assert tau == 0.0 and set(scores.values()) == {1.0}
 
 
+def _tau_tradeoff_script():
+    """scripts/tau_tradeoff.py as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tau_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("tau_tradeoff", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
+    import numpy as np
+
+    script = _tau_tradeoff_script()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), [30, 40, 60, 10, 50, 300, 12])
+    prior = np.log(np.bincount(labels) / len(labels))
+    raw = 2.0 * np.eye(7)[labels] + rng.normal(0, 1.0, (len(labels), 7)) + prior  # a prior-biased model
+    folded = (raw - 0.75 * prior) / 0.4  # what training (tau 0.75) and calibration (T 0.4) leave in the head
+    unfolded = script.raw_logits(folded, {"logit_adjustment_tau": 0.75, "temperature": 0.4}, prior)
+    assert np.allclose(unfolded, raw)
+    rows = {r["tau"]: r for r in script.sweep(unfolded, labels, prior)}
+    assert set(rows) == set(train.TAU_GRID)
+    from sklearn.metrics import balanced_accuracy_score
+
+    for tau, row in rows.items():  # each row decides with raw - tau log prior (T never moves the argmax)
+        assert row["balanced_accuracy"] == pytest.approx(
+            balanced_accuracy_score(labels, (raw - tau * prior).argmax(1)), abs=1e-4)
+    assert rows[1.0]["balanced_accuracy"] > rows[0.0]["balanced_accuracy"]  # the prior-biased argmax is undone
+    with pytest.raises(Exception, match="not trained with logit adjustment"):
+        script.raw_logits(folded, {"temperature": 0.4}, prior)
+
+
 def test_tuned_logit_adjustment_records_a_grid_tau(tmp_path, ham_dir_ro, tiny_backbone):
     out = tmp_path / "tuned"
     argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--logit_adjustment_tau", "1",

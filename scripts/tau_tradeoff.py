@@ -1,0 +1,87 @@
+"""What the logit-adjustment tau of a saved model trades: balanced accuracy against accuracy, AUC and ECE.
+
+A model trained with `--logit_adjustment_tau` carries tau x log(train prior) and the temperature T
+folded into its head. This script unfolds both from the validation logits, re-decides with each tau
+of the training grid, refits T on validation for each, and reports the validation figures, so a
+choice of tau (or the case for a better-fitted model) rests on measurement, not on the test split.
+
+    .venv/bin/python scripts/tau_tradeoff.py --model models/ham10000-resnet50 --data data/ham10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ham_hf import data, metrics  # noqa: E402
+from ham_hf import model as model_lib  # noqa: E402
+from ham_hf.calibration import check_same_split, fit_temperature  # noqa: E402
+from ham_hf.errors import ModelError  # noqa: E402
+from ham_hf.evaluation import embed  # noqa: E402
+from ham_hf.train import TAU_GRID, log_prior  # noqa: E402
+from ham_hf.transforms import cache_split  # noqa: E402
+
+logger = logging.getLogger("tau_tradeoff")
+
+
+def raw_logits(logits: np.ndarray, results: dict, prior: np.ndarray) -> np.ndarray:
+    """Undo the folded temperature and logit adjustment: T x logits + tau x log(prior)."""
+    if "logit_adjustment_tau" not in results:
+        raise ModelError("this model was not trained with logit adjustment (no logit_adjustment_tau in its "
+                         "all_results.json): there is no tau to trade")
+    return results.get("temperature", 1.0) * logits + results["logit_adjustment_tau"] * prior
+
+
+def sweep(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> list[dict]:
+    """Validation figures for each tau of the training grid, each with its own Brier-fitted temperature."""
+    rows = []
+    for tau in TAU_GRID:
+        adjusted = raw - tau * prior
+        temperature = fit_temperature(adjusted, labels)
+        m = metrics.compute(metrics.softmax(adjusted / temperature), labels)
+        rows.append({"tau": tau, "temperature": round(temperature, 3),
+                     **{k: round(m[k], 4) for k in ("balanced_accuracy", "accuracy", "macro_f1", "roc_auc_macro")},
+                     "ece": round(m["ece"], 4), "recall_mel": round(m["per_class"]["mel"]["recall"], 4),
+                     "recall_nv": round(m["per_class"]["nv"]["recall"], 4)})
+    return rows
+
+
+def main() -> None:
+    """Parse the options, score validation once, and print (and optionally save) the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a folder written by `ham-hf train` / `ham-hf bundle`")
+    parser.add_argument("--data", required=True, help="the data the model was trained on (prepared or raw)")
+    parser.add_argument("--output", help="also write the rows as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    results = json.loads((Path(args.model) / "all_results.json").read_text())
+    model = model_lib.load_model(args.model).float().eval().to(memory_format=torch.channels_last)
+    dc = model_lib.data_config(model)
+    dsd = data.load_splits(args.data)
+    check_same_split(dsd, Path(args.model) / data.SPLIT_FILE)
+    prior = log_prior(torch.as_tensor(dsd["train"]["label"])).double().numpy()
+    val = cache_split(dsd["validation"], dc)
+    with torch.inference_mode():
+        logits = embed(model, val, dc, bf16=model_lib.cpu_bf16_native())[1]
+    rows = sweep(raw_logits(logits.astype(np.float64), results, prior), val.labels.numpy(), prior)
+    logger.info("| tau | T | balanced accuracy | accuracy | macro F1 | macro AUC | ECE | mel recall | nv recall |")
+    logger.info("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        logger.info("| %s |", " | ".join(str(r[k]) for k in ("tau", "temperature", "balanced_accuracy", "accuracy",
+                                                               "macro_f1", "roc_auc_macro", "ece", "recall_mel",
+                                                               "recall_nv")))
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
