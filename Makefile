@@ -32,6 +32,8 @@ bench: $(STAMP)
 		--model models/ham10000-resnet50 --n 1000 --backends auto,onnx
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cold_start.py --data-dir $(HAM10000_DIR) \
 		--model models/ham10000-resnet50 --runs 2
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/robustness.py --data-dir $(HAM10000_DIR) \
+		--model models/ham10000-resnet50 --n 400
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -315,8 +315,10 @@ def calibrate_after_training(trainer: HamTrainer, dc, cached: dict[str, CachedIm
     from ham_hf import calibration
 
     try:
-        return calibration.calibrate_model(trainer._unwrapped(), dc, cached, output_dir, bf16=bool(trainer.args.bf16),
-                                           write=trainer.is_world_process_zero())
+        results = calibration.calibrate_model(trainer._unwrapped(), dc, cached, output_dir,
+                                              bf16=bool(trainer.args.bf16), write=trainer.is_world_process_zero())
+        results.pop("head_changed")  # the trained head is saved either way
+        return results
     except DataError as exc:
         logger.warning("not calibrated: %s", exc)
         return {}

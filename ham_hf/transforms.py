@@ -50,7 +50,7 @@ class AugmentArguments:
 # ----------------------------------------------------------------------------- decoding
 
 def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
-    """Open an image (path, bytes or PIL) as RGB, EXIF-rotated; decode JPEGs at reduced size when large.
+    """Open an image (path, bytes or PIL) as RGB, EXIF-rotated, cropped to its field of view (no black frame).
 
     `reduce_to` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) while keeping
     its short side at least twice that size, so a 4000x3000 photo costs little more than a small one.
@@ -79,7 +79,53 @@ def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
             arr = np.asarray(img, dtype=np.float64)
             img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
         img = img.convert("RGB")
-    return img
+    return crop_field_of_view(img)
+
+
+# The dermoscope's black frame: luma below DARK counts as frame. A frame is there when at least 3 of
+# the 4 corner patches (CORNER x the short side) are mostly dark: one corner may carry a scale bar.
+DARK = 30
+CORNER = 0.06
+
+
+def _dark_corners(bright: np.ndarray) -> int:
+    """How many of the 4 corner patches of a boolean 'bright' mask are mostly dark."""
+    k = max(1, round(CORNER * min(bright.shape)))
+    return sum(patch.mean() < 0.5 for patch in (bright[:k, :k], bright[:k, -k:], bright[-k:, :k], bright[-k:, -k:]))
+
+
+def field_of_view_box(img: Image.Image) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) inside a black dermoscope frame, or None when there is no frame.
+
+    Lesion images from other clinics and cameras often sit in a round field of view or on a black
+    canvas. Left in, the frame dominates what the network sees (measured on validation images given a
+    tight round frame: accuracy 0.19 and 99% flagged as not a lesion; cropped: 0.79 and 0.5%).
+    A round field (the box's own corners dark) gives the square inscribed in the circle.
+    """
+    scale = min(1.0, 128 / max(img.size))  # the decision needs no detail: decide on a thumbnail
+    small = img if scale == 1.0 else img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                                                Image.BILINEAR)
+    bright = np.asarray(small.convert("L")) > DARK
+    if min(bright.shape) < 8 or _dark_corners(bright) < 3:
+        return None
+    rows, cols = np.flatnonzero(bright.mean(axis=1) > 0.02), np.flatnonzero(bright.mean(axis=0) > 0.02)
+    if len(rows) < 4 or len(cols) < 4:
+        return None  # all (or almost all) dark: nothing to crop to
+    top, bottom, left, right = rows[0], rows[-1] + 1.0, cols[0], cols[-1] + 1.0
+    if _dark_corners(bright[int(top):int(bottom), int(left):int(right)]) >= 3:
+        # A circle of diameter max(width, height) of the box: keep its inscribed square, one thumbnail
+        # pixel inside, so that rounding back to full size cannot reach the frame.
+        cy, cx = (top + bottom) / 2, (left + right) / 2
+        half = max(bottom - top, right - left) / (2 * math.sqrt(2)) - 1
+        top, bottom = max(top, cy - half), min(bottom, cy + half)
+        left, right = max(left, cx - half), min(right, cx + half)
+    return tuple(int(round(v / scale)) for v in (left, top, right, bottom))
+
+
+def crop_field_of_view(img: Image.Image) -> Image.Image:
+    """The image cropped to its field of view when it has a black frame; otherwise the image itself."""
+    box = field_of_view_box(img)
+    return img if box is None else img.crop(box)
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str) -> np.ndarray:

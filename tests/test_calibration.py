@@ -165,6 +165,18 @@ def test_calibrate_cli_adds_guard_and_temperature(tiny_model, ham_dir_ro, tmp_pa
     assert not (tiny_model / ood.GUARD_FILE).exists()  # --output leaves the source alone
 
 
+def test_recalibrating_keeps_the_head_and_records_the_whole_temperature(tiny_model, ham_dir_ro, tmp_path):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(once)]) == 0
+    assert main(["calibrate", "--model", str(once), "--data", str(ham_dir_ro), "--output", str(twice)]) == 0
+    r1, r2 = (json.loads((d / "all_results.json").read_text()) for d in (once, twice))
+    assert abs(np.log(r1["temperature"])) > np.log(calibration.TEMPERATURE_TOLERANCE)  # the first one folded a T
+    assert r2["temperature"] == pytest.approx(r1["temperature"])  # the head's whole T, not a ~1 refit on top
+    assert r2["eval_ece_uncalibrated"] == pytest.approx(r1["eval_ece_uncalibrated"], abs=0.01)  # "before" = raw
+    assert (twice / "model.safetensors").read_bytes() == (once / "model.safetensors").read_bytes()
+    assert "head_changed" not in r2
+
+
 @pytest.mark.slow
 def test_bundled_guard_flags_generated_images_and_keeps_real_lesions(bundled_model, real_ham_dir):
     """The promised rates on real data: >= 97% of validation lesions kept, generated non-lesion images flagged."""

@@ -73,3 +73,80 @@ def test_flips_flip(tiny):
     plain = Preprocess(dc, AugmentArguments(**{**only_hflip.__dict__, "hflip": 0.0}))(images, train=True)
     flipped = Preprocess(dc, only_hflip)(images, train=True)
     torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the dermoscope's black frame
+
+
+def _framed(img, radius: float):
+    """`img` seen through a round black field of view of `radius` x its short side."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", img.size, 0)
+    r, cx, cy = radius * min(img.size), img.width / 2, img.height / 2
+    ImageDraw.Draw(mask).ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    return Image.composite(img, Image.new("RGB", img.size), mask)
+
+
+def _letterboxed(img, factor: float = 0.6):
+    """`img` shrunk onto a black canvas of its own size; returns the canvas and the pasted box."""
+    from PIL import Image
+
+    small = img.resize((int(img.width * factor), int(img.height * factor)))
+    canvas = Image.new("RGB", img.size)
+    left, top = (img.width - small.width) // 2, (img.height - small.height) // 2
+    canvas.paste(small, (left, top))
+    return canvas, (left, top, left + small.width, top + small.height)
+
+
+def test_field_of_view_crop_leaves_unframed_and_blank_images_alone(real_images):
+    import numpy as np
+    from PIL import Image
+
+    from ham_hf.transforms import crop_field_of_view, field_of_view_box, load_rgb
+
+    for path in real_images.values():
+        img = Image.open(path).convert("RGB")
+        if field_of_view_box(img) is None:  # most HAM10000 images: the exact pixels go through
+            assert np.array_equal(np.asarray(load_rgb(str(path))), np.asarray(img))
+    for blank in (Image.new("RGB", (200, 150)), Image.new("RGB", (200, 150), (230, 180, 160))):
+        assert crop_field_of_view(blank) is blank
+
+
+def test_field_of_view_crop_removes_a_round_frame_and_a_black_canvas(real_images):
+    import numpy as np
+    from PIL import Image
+
+    from ham_hf.transforms import DARK, crop_field_of_view, field_of_view_box
+
+    img = Image.open(real_images["nv"]).convert("RGB")
+    assert field_of_view_box(img) is None
+    framed = crop_field_of_view(_framed(img, 0.42))
+    side = 2 * 0.42 * min(img.size) / np.sqrt(2)  # the square inscribed in the circle
+    assert abs(framed.width - side) <= 4 and abs(framed.height - side) <= 4
+    luma = np.asarray(framed.convert("L"))
+    assert min(luma[0, 0], luma[0, -1], luma[-1, 0], luma[-1, -1]) > DARK  # no frame left in the corners
+    assert field_of_view_box(framed) is None  # idempotent: a cropped image is not cropped again
+    canvas, box = _letterboxed(img)
+    got = field_of_view_box(canvas)
+    assert got is not None and max(abs(a - b) for a, b in zip(got, box)) <= 3
+
+
+@pytest.mark.slow
+def test_framed_real_lesions_are_kept_and_read_like_the_unframed(bundled_model, real_ham_dir):
+    """Lesions in a tight round frame (as other dermoscopes give them): kept by the guard, same answer."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from ham_hf.inference import Classifier
+
+    ids = [r["image_id"] for r in csv.DictReader((bundled_model / "split.csv").open()) if r["split"] == "validation"]
+    picked = np.random.default_rng(1).choice(ids, 48, replace=False)
+    images = [Image.open(next(real_ham_dir.glob(f"HAM10000_images_part_*/{i}.jpg"))).convert("RGB") for i in picked]
+    clf = Classifier(str(bundled_model), backend="torch")
+    plain = clf.predict(images)
+    framed = clf.predict([_framed(im, 0.42) for im in images])  # without the crop: 1% kept, accuracy 0.19
+    assert np.mean([p.in_distribution for p in framed]) >= 0.95
+    assert np.mean([a.top == b.top for a, b in zip(plain, framed)]) >= 0.75
