@@ -123,7 +123,9 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
             with gr.Column():
                 image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"],
                                  label="Dermatoscopic image", elem_id="image")
-                tta = gr.Checkbox(label="Test-time augmentation (8 views)", value=False)
+                # On by default: averaging the 8 flip / rotation views scored better on every validation
+                # figure (README, "Test-time augmentation") for about 0.15 s per image on a 2-core CPU.
+                tta = gr.Checkbox(label="Test-time augmentation (8 views)", value=True)
                 show_anyway = gr.Checkbox(label="Show the probabilities anyway (even if the image does not look "
                                                 "like a dermatoscopic lesion image)", value=False)
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
@@ -135,7 +137,7 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                 cam = gr.Image(type="pil", label="Grad-CAM: where the model looked (predicted class)",
                                interactive=False, elem_id="gradcam")
         if EXAMPLES:
-            gr.Examples(examples=[[str(p), False] for p in EXAMPLES], inputs=[image, tta],
+            gr.Examples(examples=[[str(p), True] for p in EXAMPLES], inputs=[image, tta],
                         example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
                         label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
         gr.Markdown(f"Model: `{clf.name}` · backend {clf.backend} · input {clf.data_config.size} px")

@@ -142,6 +142,8 @@ class EvaluateArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: MODEL/eval-SPLIT).",
                                                            "aliases": ["--output"]})
     batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
+    tta: bool = field(default=False, metadata={"help": "Average the probabilities over the 8 flip / rotation views, "
+                                                       "as the app's test-time augmentation does."})
 
 
 def cmd_evaluate(argv: list[str]) -> int:
@@ -149,7 +151,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     from ham_hf import data, evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
-    evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size)
+    evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size,
+                              tta=args.tta)
     return 0
 
 

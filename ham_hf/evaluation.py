@@ -20,24 +20,32 @@ from ham_hf import data, metrics, report
 from ham_hf import model as model_lib
 from ham_hf.errors import ModelError
 from ham_hf.labels import CLASS_CODES
-from ham_hf.transforms import CachedImages, Preprocess, cache_split
+from ham_hf.transforms import TTA_VIEWS, CachedImages, Preprocess, cache_split, tta_views
 
 logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.DataConfig, batch_size: int = 64,
-          bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of decoded uint8 images through the model's eval preprocessing, as float32 numpy."""
+          bf16: bool = False, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(features, logits) of decoded uint8 images through the model's eval preprocessing, as float32 numpy.
+
+    With `tta`, as the app's test-time augmentation: the logits are the log of the probabilities
+    averaged over the 8 flip / rotation views, the features those of the image as given.
+    """
     device = next(model.parameters()).device
     tensors = images.images if isinstance(images, CachedImages) else images
     pre = Preprocess(data_config).to(device)
+    step = max(1, batch_size // TTA_VIEWS) if tta else batch_size  # the same images per forward pass
     feats, logits = [], []
     model.eval()
-    for start in range(0, len(tensors), batch_size):
-        x = pre(tensors[start:start + batch_size].to(device), train=False)
+    for start in range(0, len(tensors), step):
+        x = pre(tensors[start:start + step].to(device), train=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f, z = model_lib.features_and_logits(model, x)
+            f, z = model_lib.features_and_logits(model, tta_views(x) if tta else x)
+        if tta:
+            f, z = f[:len(x)], z.float().softmax(dim=1).view(TTA_VIEWS, len(x), -1).mean(dim=0).log()
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
@@ -45,7 +53,7 @@ def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.Dat
 
 def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,
                    split_args: data.SplitArguments | None = None, batch_size: int = 128,
-                   bf16: bool | None = None) -> dict:
+                   bf16: bool | None = None, tta: bool = False) -> dict:
     """Score a saved HAM10000 model on one split (or all) of any data source; write the split reports."""
     import datasets
 
@@ -65,10 +73,12 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
     if bf16 is None:
         bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else model_lib.cpu_bf16_native()
     cached = cache_split(ds, dc)
-    logits = embed(model, cached, dc, batch_size=batch_size, bf16=bf16)[1]
-    out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / f"eval-{split}"
+    logits = embed(model, cached, dc, batch_size=batch_size, bf16=bf16, tta=tta)[1]
+    name = f"eval-{split}-tta" if tta else f"eval-{split}"
+    out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / name
     result = report.write_split_reports(out, split, metrics.softmax(logits), cached.labels.numpy(), cached.image_ids,
                                         cached.groups)
     report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
-    report.update_all_results(out, {"precision": "bf16" if bf16 else "fp32", "device": str(device)})
+    report.update_all_results(out, {"precision": "bf16" if bf16 else "fp32", "device": str(device),
+                                    "test_time_augmentation": tta})
     return result

@@ -24,14 +24,12 @@ from ham_hf import model as model_lib
 from ham_hf.errors import ImageError, ModelError
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
 from ham_hf.metrics import softmax
-from ham_hf.transforms import Preprocess, decode_images, load_rgb, resize_square
+from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, load_rgb, resize_square, tta_views
 
 logger = logging.getLogger(__name__)
 
 # What runs the network: auto picks int8 ONNX on the CPU when the model's fidelity check passed.
 BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
-# Test-time augmentation views: the 8 symmetries of the square (4 rotations x optional flip).
-TTA_VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,6 @@ class Prediction:
     def label(self) -> dict[str, float]:
         """Long names with codes -> probability, as gr.Label takes it."""
         return {display_name(c): p for c, p in self.probabilities.items()}
-
-
-def tta_views(x: torch.Tensor) -> torch.Tensor:
-    """Stack the 8 dihedral views of a (B, 3, H, W) batch into (8B, 3, H, W)."""
-    views = []
-    for k in range(4):
-        r = torch.rot90(x, k, dims=(-2, -1))
-        views += [r, r.flip(-1)]
-    return torch.cat(views)
 
 
 def resolve_model(explicit: str | None, default_dir: str | Path | None) -> str:

@@ -2,6 +2,7 @@
 # The recipe study on this CPU, in bf16, at a budget that fits a session (about an hour on 2 cores).
 #
 #   bash scripts/cpu_recipe_study.sh [DATA] [OUT]      # DATA: a prepared dataset (default data/ham10000)
+#   ONLY="160-la-strong-aug 160-la-strong-aug-cast" bash scripts/cpu_recipe_study.sh DATA OUT   # some runs
 #
 # Every run starts from configs/resnet50.json and the shared ImageNet ResNet-50 and trains on the same
 # seeded sample of the training split (TRAIN_SAMPLES, default 2,500 images) for EPOCHS epochs (the
@@ -23,10 +24,12 @@ RUNS=(
   "160-balanced-sampler|--image_size 160 --class_weighting none --balanced_sampling true"
   "160-la-strong-aug|--image_size 160 $LA $STRONG"
   "192-la-strong-aug|--image_size 192 $LA $STRONG"
+  "160-la-strong-aug-cast|--image_size 160 $LA $STRONG --channel_gain 0.15"
 )
 mkdir -p "$OUT"
 for run in "${RUNS[@]}"; do
   name=${run%%|*}; opts=${run#*|}
+  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && continue   # ONLY="a b": just these runs
   [ -f "$OUT/$name/all_results.json" ] && continue   # resumable: a finished run is kept
   echo "== $name: ham-hf train configs/resnet50.json $opts"
   start=$(date +%s)

@@ -220,6 +220,27 @@ def test_evaluate_cli_scores_a_saved_model(tiny_model, ham_dir_ro, tmp_path):
     assert a["confusion_matrix"] == b["confusion_matrix"]
 
 
+def test_evaluate_with_tta_scores_what_the_app_serves_with_tta(tiny_model, ham_dir_ro, tmp_path):
+    from ham_hf import evaluation
+    from ham_hf.inference import Classifier
+
+    out = tmp_path / "eval-tta"
+    assert main(["evaluate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--split", "validation",
+                 "--tta", "true", "--output", str(out), "--batch_size", "16"]) == 0
+    assert json.loads((out / "all_results.json").read_text())["test_time_augmentation"] is True
+    # In float32, to compare exactly with the app's TTA (8 views, probabilities averaged) on the torch path.
+    evaluation.evaluate_model(str(tiny_model), str(ham_dir_ro), "validation", str(out), batch_size=16, bf16=False,
+                              tta=True)
+    rows = list(csv.DictReader((out / "validation_predictions.csv").open()))[:6]
+    files = [next(ham_dir_ro.glob(f"HAM10000_images_part_*/{r['image_id']}.jpg")) for r in rows]
+    served = Classifier(str(tiny_model), backend="torch").predict_proba([str(f) for f in files], tta=True)
+    reported = np.array([[float(r[f"prob_{c}"]) for c in CLASS_CODES] for r in rows])
+    assert reported == pytest.approx(served, abs=1e-5)
+    plain = Classifier(str(tiny_model), backend="torch").predict_proba([str(f) for f in files])
+    # The views change the answer by far more than evaluate and the app differ: TTA did run.
+    assert np.abs(plain - served).max() > 20 * np.abs(reported - served).max() + 1e-6
+
+
 def test_evaluate_refuses_a_backbone(tiny_backbone, ham_dir_ro, caplog):
     assert main(["evaluate", "--model", str(tiny_backbone), "--data", str(ham_dir_ro)]) == 2
     assert "is not a HAM10000 classifier" in caplog.text and "ham-hf train" in caplog.text

@@ -75,6 +75,21 @@ def test_flips_flip(tiny):
     torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-4, rtol=0)
 
 
+def test_channel_gain_scales_each_channel_within_its_range(tiny):
+    """A colour cast: per image, R, G and B each scaled by one factor in [1 - g, 1 + g]; geometry untouched."""
+    _, dc = tiny
+    only_gain = AugmentArguments(crop_scale_min=1.0, crop_ratio=1.0, rotation=0, hflip=0, vflip=0, brightness=0,
+                                 contrast=0, saturation=0, hue=0, channel_gain=0.2)
+    images = torch.full((4, dc.resize, dc.resize, 3), 100, dtype=torch.uint8)
+    mean, std = torch.tensor(dc.mean).view(1, 3, 1, 1), torch.tensor(dc.std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    pixels = Preprocess(dc, only_gain)(images, train=True) * std + mean
+    gains = pixels.mean(dim=(2, 3)) / (100 / 255)  # (4, 3): one gain per image and channel
+    assert gains.min() >= 0.8 - 1e-4 and gains.max() <= 1.2 + 1e-4
+    assert (gains[:, 0] - gains[:, 2]).abs().max() > 0.02  # the channels move apart: a cast, not brightness
+    torch.testing.assert_close(pixels.std(dim=(2, 3)), torch.zeros(4, 3), atol=1e-4, rtol=0)  # still flat
+
+
 # ----------------------------------------------------------------------------- the dermoscope's black frame
 
 
