@@ -233,6 +233,12 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
     return figures
 
 
+def head_temperature(model_dir: Path) -> float:
+    """The temperature already folded into a saved model's head (its all_results.json), 1 when none."""
+    results = model_dir / "all_results.json"
+    return float(json.loads(results.read_text()).get("temperature", 1.0)) if results.is_file() else 1.0
+
+
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
               bf16: bool | None = None, int8_only: bool = False) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
@@ -271,10 +277,8 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             if "temperature" in merged:  # the card's trust section exists only for a calibrated model
                 hub.add_trust_section(stage / "README.md", merged, split_metrics)
         else:
-            folded = json.loads((src / "all_results.json").read_text()).get("temperature", 1.0) \
-                if (src / "all_results.json").is_file() else 1.0
             results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
-                                      folded_temperature=folded)
+                                      folded_temperature=head_temperature(src))
             split_metrics = results.pop("split_metrics", {})
             if results.pop("head_changed"):
                 export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")

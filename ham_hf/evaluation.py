@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.DataConfig, batch_size: int = 64,
           bf16: bool = False, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(features, logits) of decoded uint8 images through the model's eval preprocessing, as float32 numpy.
