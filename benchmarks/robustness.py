@@ -5,7 +5,7 @@
 
 Validation images of the model's own split (`split.csv`), seeded sample, each changed the way other
 clinics, cameras and uploads change them (a round dermoscope frame, a black canvas, zoom, JPEG,
-blur, colour casts, greyscale, a large photo), then predicted as the app predicts them. Per change:
+blur, colour casts, greyscale, a large photo), then predicted as the app does with TTA off (one view). Per change:
 the share the out-of-distribution guard keeps and the accuracy against the dermatologists' labels.
 `--no-field-of-view-crop` turns the black-frame crop off, to measure what it is worth.
 """
