@@ -7,7 +7,9 @@ Validation images of the model's own split (`split.csv`), seeded sample, each ch
 clinics, cameras and uploads change them (a round dermoscope frame, a black canvas, zoom, JPEG,
 blur, colour casts, greyscale, a large photo), then predicted as the app does with TTA off (one view). Per change:
 the share the out-of-distribution guard keeps and the accuracy against the dermatologists' labels.
-`--no-field-of-view-crop` turns the black-frame crop off, to measure what it is worth.
+`--no-field-of-view-crop` turns the black-frame crop off, to measure what it is worth;
+`--shades-of-grey` adds colour constancy after it, at inference only, to measure what that would
+be worth without retraining.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def tinted(img: Image.Image, gains: tuple[float, float, float]) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, np.float32) * gains, 0, 255).astype(np.uint8))
 
 
+def shades_of_grey(img: Image.Image, p: int = 6) -> Image.Image:
+    """Colour constancy (Finlayson & Trezzi, 2004): divide each channel by its L^p-norm illuminant estimate."""
+    a = np.asarray(img, np.float32)
+    illuminant = np.power(np.mean(np.power(a / 255.0, p), axis=(0, 1)), 1 / p)
+    illuminant = illuminant / np.linalg.norm(illuminant) * np.sqrt(3)
+    return Image.fromarray(np.clip(a / illuminant, 0, 255).astype(np.uint8))
+
+
 CHANGES = {
     "none": lambda im: im,
     "round frame, radius 0.5": lambda im: framed(im, 0.5),
@@ -86,6 +96,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-field-of-view-crop", action="store_true", help="measure without the black-frame crop")
+    p.add_argument("--shades-of-grey", action="store_true", help="colour constancy after the crop (inference only)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -93,8 +104,9 @@ def main() -> None:
     from ham_hf.inference import Classifier
     from ham_hf.labels import CLASS_CODES
 
-    if a.no_field_of_view_crop:
-        transforms.crop_field_of_view = lambda img: img  # load_rgb looks the name up at call time
+    crop = (lambda img: img) if a.no_field_of_view_crop else transforms.crop_field_of_view
+    # load_rgb looks the name up at call time
+    transforms.crop_field_of_view = (lambda img: shades_of_grey(crop(img))) if a.shades_of_grey else crop
     folder = Path(model_folder(a.model))
     rows = [r for r in csv.DictReader((folder / "split.csv").open()) if r["split"] == "validation"]
     rows = [rows[i] for i in np.random.default_rng(0).choice(len(rows), min(a.n, len(rows)), replace=False)]
@@ -102,7 +114,8 @@ def main() -> None:
     originals = [Image.open(found[r["image_id"]]).convert("RGB") for r in rows]
     labels = np.array([CLASS_CODES.index(r["dx"]) for r in rows])
     clf = Classifier(str(folder), backend=a.backend)
-    results: dict = {"n": len(rows), "backend": clf.backend, "field_of_view_crop": not a.no_field_of_view_crop}
+    results: dict = {"n": len(rows), "backend": clf.backend, "field_of_view_crop": not a.no_field_of_view_crop,
+                     "shades_of_grey": a.shades_of_grey}
     for name, change in CHANGES.items():
         images = [change(im) for im in originals]
         preds = [p for i in range(0, len(images), 32) for p in clf.predict(images[i:i + 32])]

@@ -60,6 +60,51 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, objective: str = "br
     return float(np.exp(minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-4}).x))
 
 
+# The taus that logit-adjustment tuning tries: coarse, so one validation split cannot over-fit it.
+TAU_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The calibration goal (validation ECE after temperature scaling) a tuned tau must meet.
+MAX_ECE = 0.05
+
+
+def log_prior(labels, num_classes: int = len(CLASS_CODES)) -> torch.Tensor:
+    """log of the class frequencies of `labels` (an absent class gets the log of half a count)."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double().clamp(min=0.5)
+    return (counts / counts.sum()).log().float()
+
+
+def unfold_logits(logits: np.ndarray, temperature: float, tau: float, prior: np.ndarray) -> np.ndarray:
+    """A saved head's logits before its folded temperature and logit adjustment: T x logits + tau x log(prior)."""
+    return temperature * np.asarray(logits, dtype=np.float64) + tau * np.asarray(prior, dtype=np.float64)
+
+
+def tau_scores(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray, tau: float) -> dict:
+    """Validation metrics of the decision raw - tau x log(prior), after its own temperature fit."""
+    adjusted = np.asarray(raw, dtype=np.float64) - tau * np.asarray(prior, dtype=np.float64)
+    temperature = fit_temperature(adjusted, labels)
+    return {"temperature": temperature, **metrics.compute(metrics.softmax(adjusted / temperature), labels)}
+
+
+def choose_tau(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray, grid: tuple[float, ...] = TAU_GRID,
+               max_ece: float = MAX_ECE) -> tuple[float, dict[float, dict]]:
+    """The tau of `grid` with the best validation balanced accuracy among those calibrated to `max_ece`.
+
+    Subtracting tau x log(prior) trades the frequent class for the rare ones; with a large tau the
+    probabilities are no longer frequencies and no temperature repairs that, so a tau qualifies only
+    when its calibrated validation ECE meets `max_ece`. Ties go to the smaller tau (more accuracy);
+    when no tau qualifies the condition is dropped, with a warning. Returns (tau, {tau: scores}).
+    """
+    labels = np.asarray(labels)
+    table = {tau: tau_scores(raw, labels, prior, tau) for tau in grid}
+    calibrated = [tau for tau in grid if table[tau]["ece"] <= max_ece]
+    if not calibrated:
+        logger.warning("no tau of %s brings the calibrated validation ECE to %.3f or below: choosing by balanced "
+                       "accuracy alone", grid, max_ece)
+    tau = max(calibrated or grid, key=lambda t: (round(table[t]["balanced_accuracy"], 9), -t))
+    logger.info("logit adjustment on validation (tau: balanced accuracy / calibrated ECE): %s; chosen tau %.2f",
+                ", ".join(f"{t:g}: {table[t]['balanced_accuracy']:.4f} / {table[t]['ece']:.4f}" for t in grid), tau)
+    return tau, table
+
+
 def check_calibration_split(labels: np.ndarray, split: str = "validation") -> None:
     """Refuse a split that lacks a class: a temperature fitted without it would not hold for it."""
     missing = [c for i, c in enumerate(CLASS_CODES) if not (np.asarray(labels) == i).any()]
@@ -181,11 +226,18 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
     """Measure int8 activation ranges on training images and gate int8 against fp32 on validation.
 
     Writes INT8_RANGES and INT8_FIDELITY into output_dir; returns the fidelity figures (empty when
-    this ONNX Runtime cannot quantize).
+    this machine cannot export or quantize: a GPU machine without onnx / onnxruntime, say).
     """
+    import importlib.util
+
     from ham_hf import export
     from ham_hf.transforms import load_rgb, resize_square
 
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        logger.warning("no int8 model: %s not installed here; run `ham-hf calibrate --int8_only true` where it is",
+                       " and ".join(missing))
+        return {}
     train = cached["train"]
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_calibration]
     import copy
@@ -239,12 +291,40 @@ def head_temperature(model_dir: Path) -> float:
     return float(json.loads(results.read_text()).get("temperature", 1.0)) if results.is_file() else 1.0
 
 
+def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages], model_dir: Path, bf16: bool,
+                            max_ece: float = MAX_ECE) -> tuple[dict, float]:
+    """Re-choose a saved model's logit-adjustment tau on validation (`choose_tau`) and refold its head.
+
+    Returns (the results to record, the temperature now folded in the head): the head is unfolded to
+    its bare logits minus the new tau's offset (T 1, for calibration to fit) unless tau stays.
+    """
+    path = model_dir / "all_results.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if "logit_adjustment_tau" not in saved:
+        raise ModelError(f"{model_dir} was not trained with logit adjustment (no logit_adjustment_tau in its "
+                         "all_results.json): there is no tau to retune; drop --retune_logit_adjustment")
+    check_calibration_split(cached["validation"].labels.numpy())
+    old_tau, old_t = float(saved["logit_adjustment_tau"]), head_temperature(model_dir)
+    prior = log_prior(cached["train"].labels).double().numpy()
+    raw = unfold_logits(embed(model, cached["validation"], data_config, bf16=bf16)[1], old_t, old_tau, prior)
+    tau, _ = choose_tau(raw, cached["validation"].labels.numpy(), prior, max_ece=max_ece)
+    results = {"logit_adjustment_tau": tau, "logit_adjustment_max_ece": max_ece}
+    if tau == old_tau:
+        return results, old_t
+    model_lib.scale_head(model, old_t)
+    model_lib.add_to_head_bias(model, torch.from_numpy((old_tau - tau) * prior).float())
+    logger.info("logit adjustment: tau %.2f -> %.2f refolded into the head bias", old_tau, tau)
+    return results, 1.0
+
+
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
-              bf16: bool | None = None, int8_only: bool = False) -> dict:
+              bf16: bool | None = None, int8_only: bool = False, retune_tau: bool = False,
+              max_ece: float | None = None) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
 
     With `int8_only`, only the int8 ranges and fidelity record are refitted (after an ONNX Runtime
-    or int8 recipe change): weights, temperature and guard stay as they are. Everything is written
+    or int8 recipe change): weights, temperature and guard stay as they are. With `retune_tau`, a
+    logit-adjusted model's tau is chosen again first (`retune_logit_adjustment`). Everything is written
     to a staging copy first and swapped in at the end: a failure leaves the model folder as it was.
     """
     from ham_hf import export, hub
@@ -271,19 +351,19 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
             results = {f"int8_{k}": v for k, v in fit_int8(model, dc, cached, stage, guard).items()
                        if not isinstance(v, dict)}
-            merged = json.loads(report.update_all_results(stage, results).read_text())
             split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
                              for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
-            if "temperature" in merged:  # the card's trust section exists only for a calibrated model
-                hub.add_trust_section(stage / "README.md", merged, split_metrics)
         else:
-            results = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
-                                      folded_temperature=head_temperature(src))
+            tau_results, folded = ({}, head_temperature(src)) if not retune_tau else (
+                retune_logit_adjustment(model, dc, cached, src, bf16, max_ece or MAX_ECE))
+            results = {**tau_results, **calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
+                                                        folded_temperature=folded)}
             split_metrics = results.pop("split_metrics", {})
             if results.pop("head_changed"):
                 export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
-            report.update_all_results(stage, results)
-            hub.add_trust_section(stage / "README.md", results, split_metrics)
+        merged = json.loads(report.update_all_results(stage, results).read_text())
+        if "temperature" in merged:  # the card's trust section exists only for a calibrated model
+            hub.add_trust_section(stage / "README.md", merged, split_metrics)
         if target.exists() and target != src:
             shutil.rmtree(target)
         if target == src:

@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ham_hf.errors import UserError
+
 logger = logging.getLogger("ham_hf")
 
 
@@ -121,6 +123,19 @@ class CalibrateArguments:
                                                               "the CPU runs it natively)."})
     int8_only: bool = field(default=False, metadata={
         "help": "Refit only the int8 ranges and fidelity record; weights, temperature and guard stay."})
+    retune_logit_adjustment: bool = field(default=False, metadata={
+        "help": "For a model trained with logit adjustment: choose its tau again on validation (0, 0.25, ..., 1: "
+                "the best balanced accuracy among the taus calibrated to --logit_adjustment_max_ece) before "
+                "calibrating, and refold the head."})
+    logit_adjustment_max_ece: float | None = field(default=None, metadata={
+        "help": "With --retune_logit_adjustment: the calibrated validation ECE a tau must meet (default: the "
+                "calibration goal, 0.05; 1: no condition)."})
+
+    def __post_init__(self):
+        if self.logit_adjustment_max_ece is not None and not 0 < self.logit_adjustment_max_ece <= 1:
+            raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece})")
+        if self.int8_only and self.retune_logit_adjustment:
+            raise UserError("--int8_only keeps the weights: it cannot be combined with --retune_logit_adjustment")
 
 
 def cmd_calibrate(argv: list[str]) -> int:
@@ -128,7 +143,8 @@ def cmd_calibrate(argv: list[str]) -> int:
     from ham_hf import calibration, data
 
     args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
-    calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only)
+    calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only,
+                          args.retune_logit_adjustment, args.logit_adjustment_max_ece)
     return 0
 
 
@@ -278,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from ham_hf.errors import UserError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -200,6 +200,20 @@ def ci_table(split_metrics: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def logit_adjustment_lines(results: dict) -> list[str]:
+    """The card's sentence on the logit-adjusted decision (none for a model without it)."""
+    tau = results.get("logit_adjustment_tau")
+    if not tau:
+        return []
+    rule = (f", chosen on validation from 0, 0.25, ..., 1 as the best balanced accuracy among the taus whose "
+            f"calibrated ECE is at most {results['logit_adjustment_max_ece']:g}"
+            if "logit_adjustment_max_ece" in results else "")
+    return [f"The decision is logit-adjusted (Menon et al., ICLR 2021): **tau = {tau:g}** times the log of the "
+            f"training class frequencies is subtracted from the logits, in the head's bias{rule}. A larger tau "
+            "finds more of the rare classes and fewer nevi, and leaves probabilities that no single temperature "
+            "calibrates.", ""]
+
+
 def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -> str:
     """The card section on uncertainty (CIs), calibration (T, ECE / Brier before and after) and the OOD guard."""
     table = ci_table(split_metrics or {})
@@ -208,6 +222,7 @@ def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -
              f"**T = {results['temperature']:.3f}**, folded into the "
              "classifier head (weight and bias divided by T): every loader gives calibrated probabilities, and the "
              "predicted class is unchanged.", "",
+             *logit_adjustment_lines(results),
              "| split | ECE before | ECE after | Brier before | Brier after |", "|---|---:|---:|---:|---:|"]
     for prefix, split in (("eval", "validation"), ("test", "test")):
         if f"{prefix}_ece_calibrated" in results:

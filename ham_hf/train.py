@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, report
 from ham_hf import model as model_lib
+from ham_hf.calibration import MAX_ECE, choose_tau, log_prior
 from ham_hf.errors import DataError, UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.model import cpu_bf16_native
@@ -89,9 +90,15 @@ class RecipeArguments:
     )
     tune_logit_adjustment: bool = field(
         default=False,
-        metadata={"help": "After training, choose tau from 0, 0.25, ..., 1 by validation balanced accuracy (ties go "
-                          "to the smaller tau, which keeps more accuracy); --logit_adjustment_tau is then the "
-                          "value used for checkpoint selection during training."},
+        metadata={"help": "After training, choose tau from 0, 0.25, ..., 1 by validation balanced accuracy among the "
+                          "taus whose calibrated validation ECE meets --logit_adjustment_max_ece (ties go to the "
+                          "smaller tau, which keeps more accuracy); --logit_adjustment_tau is then the value used "
+                          "for checkpoint selection during training."},
+    )
+    logit_adjustment_max_ece: float = field(
+        default=MAX_ECE,
+        metadata={"help": "With --tune_logit_adjustment: a tau qualifies only if temperature scaling brings its "
+                          "validation ECE to this or below (the calibration goal); 1 turns the condition off."},
     )
     calibrate: bool = field(
         default=True,
@@ -103,6 +110,9 @@ class RecipeArguments:
     def __post_init__(self):
         if self.logit_adjustment_tau < 0:
             raise UserError(f"--logit_adjustment_tau must be >= 0 (got {self.logit_adjustment_tau})")
+        if not 0 < self.logit_adjustment_max_ece <= 1:
+            raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece}); "
+                            "1 turns the calibration condition off")
 
 
 @dataclass
@@ -152,27 +162,6 @@ class HamTrainingArguments(TrainingArguments):
                                 "would be slower than fp32; drop --bf16 or pass --bf16 false")
             self.use_cpu = True  # transformers takes CPU bf16 (Accelerate's CPU autocast) only with use_cpu
         super().__post_init__()
-
-
-# The taus that --tune_logit_adjustment tries: coarse, so one validation split cannot over-fit it.
-TAU_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def log_prior(labels: torch.Tensor, num_classes: int = len(CLASS_CODES)) -> torch.Tensor:
-    """log of the class frequencies of `labels` (an absent class gets the log of half a count)."""
-    counts = torch.bincount(labels, minlength=num_classes).double().clamp(min=0.5)
-    return (counts / counts.sum()).log().float()
-
-
-def choose_tau(logits: torch.Tensor, labels: torch.Tensor, log_prior_: torch.Tensor,
-               grid: tuple[float, ...] = TAU_GRID) -> tuple[float, dict[float, float]]:
-    """The tau of `grid` whose adjusted logits score the best balanced accuracy (ties: the smaller tau)."""
-    from sklearn.metrics import balanced_accuracy_score
-
-    logits, labels = torch.as_tensor(logits).float(), torch.as_tensor(labels).numpy()
-    scores = {tau: float(balanced_accuracy_score(labels, (logits - tau * log_prior_).argmax(1).numpy()))
-              for tau in grid}
-    return max(grid, key=lambda tau: (round(scores[tau], 9), -tau)), scores
 
 
 def class_weights(labels: torch.Tensor, mode: str, num_classes: int = len(CLASS_CODES)) -> torch.Tensor | None:
@@ -233,13 +222,12 @@ class HamTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def tune_logit_adjustment(self, dataset: CachedImages, log_prior_: torch.Tensor) -> float:
-        """Pick tau on `dataset` (validation) by balanced accuracy and make it the offset; return it."""
+        """Pick tau on `dataset` (validation) with `choose_tau` and make it the offset; return it."""
         self.logit_offset = None  # raw logits
         out = self.predict(dataset, metric_key_prefix="tau")
-        logits = torch.as_tensor(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
-        tau, scores = choose_tau(logits, dataset.labels, log_prior_)
-        logger.info("logit adjustment: validation balanced accuracy by tau %s; chosen tau %.2f",
-                    {t: round(v, 4) for t, v in scores.items()}, tau)
+        logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+        tau, _ = choose_tau(logits, dataset.labels.numpy(), log_prior_.numpy(),
+                            max_ece=self.recipe.logit_adjustment_max_ece)
         self.logit_offset = (-tau * log_prior_).to(self.args.device)
         return tau
 
@@ -422,7 +410,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     results.update(precision=precision(args), device=device_name(args))
     if recipe.logit_adjustment_tau > 0 and recipe.tune_logit_adjustment and "validation" in cached:
         tau = trainer.tune_logit_adjustment(cached["validation"], log_prior(cached["train"].labels))
-        results["logit_adjustment_tau"] = tau
+        results.update(logit_adjustment_tau=tau, logit_adjustment_max_ece=recipe.logit_adjustment_max_ece)
     elif recipe.logit_adjustment_tau > 0:
         results["logit_adjustment_tau"] = recipe.logit_adjustment_tau
     trainer.fold_logit_adjustment()  # before saving: pipeline(...) then decides adjusted with no custom code

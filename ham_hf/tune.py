@@ -25,6 +25,7 @@ import torch
 
 from ham_hf import metrics, train
 from ham_hf import model as model_lib
+from ham_hf.calibration import log_prior
 from ham_hf.errors import UserError
 from ham_hf.transforms import Preprocess
 
@@ -95,7 +96,7 @@ class TuneTrainer(train.HamTrainer):
             if self.loss_weights is not None:
                 self.loss_weights = self.loss_weights.to(self.args.device)
             tau = self.recipe.logit_adjustment_tau
-            prior = train.log_prior(self.train_dataset.labels)
+            prior = log_prior(self.train_dataset.labels)
             self.logit_offset = (-tau * prior).to(self.args.device) if tau else None
         self.backbone_frozen = False  # a new model per trial starts unfrozen
         self.hp_space = lambda t: {k: v for k, v in space(t).items() if hasattr(self.args, k)}

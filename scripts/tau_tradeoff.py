@@ -21,33 +21,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ham_hf import data, metrics  # noqa: E402
+from ham_hf import data  # noqa: E402
 from ham_hf import model as model_lib  # noqa: E402
-from ham_hf.calibration import check_same_split, fit_temperature  # noqa: E402
+from ham_hf.calibration import TAU_GRID, check_same_split, log_prior, tau_scores, unfold_logits  # noqa: E402
 from ham_hf.errors import ModelError  # noqa: E402
 from ham_hf.evaluation import embed  # noqa: E402
-from ham_hf.train import TAU_GRID, log_prior  # noqa: E402
 from ham_hf.transforms import cache_split  # noqa: E402
 
 logger = logging.getLogger("tau_tradeoff")
 
 
 def raw_logits(logits: np.ndarray, results: dict, prior: np.ndarray) -> np.ndarray:
-    """Undo the folded temperature and logit adjustment: T x logits + tau x log(prior)."""
+    """Undo the model's folded temperature and logit adjustment (its all_results.json says which)."""
     if "logit_adjustment_tau" not in results:
         raise ModelError("this model was not trained with logit adjustment (no logit_adjustment_tau in its "
                          "all_results.json): there is no tau to trade")
-    return results.get("temperature", 1.0) * logits + results["logit_adjustment_tau"] * prior
+    return unfold_logits(logits, results.get("temperature", 1.0), results["logit_adjustment_tau"], prior)
 
 
-def sweep(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray) -> list[dict]:
-    """Validation figures for each tau of the training grid, each with its own Brier-fitted temperature."""
+def sweep(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray, taus=TAU_GRID) -> list[dict]:
+    """Validation figures for each tau (the training grid by default), each with its own Brier-fitted temperature."""
     rows = []
-    for tau in TAU_GRID:
-        adjusted = raw - tau * prior
-        temperature = fit_temperature(adjusted, labels)
-        m = metrics.compute(metrics.softmax(adjusted / temperature), labels)
-        rows.append({"tau": tau, "temperature": round(temperature, 3),
+    for tau in taus:
+        m = tau_scores(raw, labels, prior, tau)
+        rows.append({"tau": tau, "temperature": round(m["temperature"], 3),
                      **{k: round(m[k], 4) for k in ("balanced_accuracy", "accuracy", "macro_f1", "roc_auc_macro")},
                      "ece": round(m["ece"], 4), "recall_mel": round(m["per_class"]["mel"]["recall"], 4),
                      "recall_nv": round(m["per_class"]["nv"]["recall"], 4)})
@@ -60,6 +57,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a folder written by `ham-hf train` / `ham-hf bundle`")
     parser.add_argument("--data", required=True, help="the data the model was trained on (prepared or raw)")
     parser.add_argument("--output", help="also write the rows as JSON here")
+    parser.add_argument("--taus", type=float, nargs="+", default=list(TAU_GRID),
+                        help="the taus to score (default: the training grid %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -72,7 +71,7 @@ def main() -> None:
     val = cache_split(dsd["validation"], dc)
     with torch.inference_mode():
         logits = embed(model, val, dc, bf16=model_lib.cpu_bf16_native())[1]
-    rows = sweep(raw_logits(logits.astype(np.float64), results, prior), val.labels.numpy(), prior)
+    rows = sweep(raw_logits(logits.astype(np.float64), results, prior), val.labels.numpy(), prior, args.taus)
     logger.info("| tau | T | balanced accuracy | accuracy | macro F1 | macro AUC | ECE | mel recall | nv recall |")
     logger.info("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -50,3 +50,13 @@ def test_bundled_model_beats_chance_on_held_out_real_images(real_ham_dir):
     score = balanced_accuracy_score(truth, predicted)
     assert score > 0.4, f"balanced accuracy {score:.2f} on {len(paths)} held-out images (chance 0.14)"
     assert np.mean([p == t for p, t in zip(predicted, truth)]) > 0.3
+
+
+def test_bundled_model_records_a_tau_that_meets_its_calibration_condition():
+    """The bundled head's logit adjustment was chosen by the project's rule, and its card says which."""
+    from ham_hf.calibration import TAU_GRID
+
+    results = json.loads((DEFAULT / "all_results.json").read_text())
+    assert results["logit_adjustment_tau"] in TAU_GRID
+    assert results["eval_ece_calibrated"] <= results["logit_adjustment_max_ece"]
+    assert f"**tau = {results['logit_adjustment_tau']:g}**" in (DEFAULT / "README.md").read_text()

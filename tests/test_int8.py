@@ -159,3 +159,21 @@ def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model,
     card = (folder / "README.md").read_text()
     assert "**int8 on the CPU**" in card and "95% confidence intervals" in card
     assert f"T = {after['temperature']:.3f}" in card
+
+
+def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, ham_dir_ro, tmp_path, caplog,
+                                                                   monkeypatch):
+    """A machine without onnxruntime (the lent GPU's) still calibrates and guards; int8 is left for later."""
+    import importlib.util
+
+    from ham_hf import ood
+    from ham_hf.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "onnxruntime" else real_find_spec(name, *a, **k))
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out)]) == 0
+    assert (out / ood.GUARD_FILE).is_file() and not (out / export.INT8_RANGES).exists()
+    assert "onnxruntime not installed here; run `ham-hf calibrate --int8_only true`" in caplog.text
+    assert "int8_passed" not in json.loads((out / "all_results.json").read_text())

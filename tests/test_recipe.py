@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score
 
-from ham_hf import train
+from ham_hf import calibration, metrics, train
 from ham_hf.cli import main
 from ham_hf.errors import UserError
 
@@ -70,7 +72,7 @@ def test_logit_adjustment_folds_minus_tau_log_prior_into_the_head_bias(tmp_path,
     adjusted, results = _final_weights(tmp_path, ham_dir_ro, tiny_backbone, "adjusted", "--logit_adjustment_tau", "0.5")
     assert results["logit_adjustment_tau"] == 0.5
     train_labels = torch.tensor(data.load_splits(str(ham_dir_ro))["train"]["label"])
-    expected = -0.5 * train.log_prior(train_labels)
+    expected = -0.5 * calibration.log_prior(train_labels)
     # Training is the same (plain cross-entropy); only the saved decision rule moved.
     assert torch.allclose(adjusted["fc.bias"] - plain["fc.bias"], expected, atol=1e-5)
     assert all(torch.equal(adjusted[k], plain[k]) for k in plain if k != "fc.bias")
@@ -78,15 +80,42 @@ def test_logit_adjustment_folds_minus_tau_log_prior_into_the_head_bias(tmp_path,
 
 
 def test_choose_tau_recovers_a_prior_shifted_decision_and_prefers_small_tau_on_ties():
-    log_prior = torch.tensor([0.8, 0.15, 0.05]).log()
-    labels = torch.arange(3).repeat_interleave(10)
-    signal = torch.nn.functional.one_hot(labels, 3).float()
+    log_prior = np.log([0.1, 0.1, 0.1, 0.05, 0.05, 0.55, 0.05])
+    labels = np.arange(7).repeat(10)
+    signal = np.eye(7)[labels]
     # Raw logits = a weak signal + the log prior: the majority class wins everything until tau = 1.
-    tau, scores = train.choose_tau(0.1 * signal + log_prior, labels, log_prior)
-    assert tau == 1.0 and scores[1.0] == 1.0 and scores[0.0] == pytest.approx(1 / 3)
+    tau, table = calibration.choose_tau(0.1 * signal + log_prior, labels, log_prior, max_ece=1)
+    assert tau == 1.0 and table[1.0]["balanced_accuracy"] == 1.0
+    assert table[0.0]["balanced_accuracy"] == pytest.approx(1 / 7)
     # A strong signal: every tau is perfect, and the smallest (most accurate on the majority) wins.
-    tau, scores = train.choose_tau(20 * signal + log_prior, labels, log_prior)
-    assert tau == 0.0 and set(scores.values()) == {1.0}
+    tau, table = calibration.choose_tau(20 * signal + log_prior, labels, log_prior, max_ece=1)
+    assert tau == 0.0 and {r["balanced_accuracy"] for r in table.values()} == {1.0}
+
+
+def _prior_biased_logits(seed=1):
+    """Validation-like logits of a model that learnt the (imbalanced) prior: (raw, labels, log prior)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(7), [30, 40, 60, 10, 50, 300, 12])
+    prior = np.log(np.bincount(labels) / len(labels))
+    return 2.0 * np.eye(7)[labels] + rng.normal(0, 1.0, (len(labels), 7)) + prior, labels, prior
+
+
+def test_choose_tau_takes_the_best_balanced_accuracy_among_the_calibrated_taus(caplog):
+    raw, labels, prior = _prior_biased_logits()
+    free, table = calibration.choose_tau(raw, labels, prior, max_ece=1)
+    assert free == max(table, key=lambda t: table[t]["balanced_accuracy"])
+    # A goal the freely chosen tau misses but others meet: the best of those others is chosen.
+    goal = max(r["ece"] for r in table.values() if r["ece"] < table[free]["ece"])
+    tau, _ = calibration.choose_tau(raw, labels, prior, max_ece=goal)
+    calibrated = [t for t in table if table[t]["ece"] <= goal]
+    assert tau != free and tau == max(calibrated, key=lambda t: table[t]["balanced_accuracy"])
+    for t, r in table.items():  # each row: the adjusted decision, calibrated by its own temperature
+        assert r["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, (raw - t * prior).argmax(1)))
+        calibrated_probs = metrics.softmax((raw - t * prior) / r["temperature"])
+        assert r["ece"] == pytest.approx(metrics.compute(calibrated_probs, labels)["ece"])
+    # A goal no tau meets: balanced accuracy alone decides, and the log says so.
+    assert calibration.choose_tau(raw, labels, prior, max_ece=1e-9)[0] == free
+    assert "choosing by balanced accuracy alone" in caplog.text
 
 
 def _tau_tradeoff_script():
@@ -102,20 +131,13 @@ def _tau_tradeoff_script():
 
 
 def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
-    import numpy as np
-
     script = _tau_tradeoff_script()
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(7), [30, 40, 60, 10, 50, 300, 12])
-    prior = np.log(np.bincount(labels) / len(labels))
-    raw = 2.0 * np.eye(7)[labels] + rng.normal(0, 1.0, (len(labels), 7)) + prior  # a prior-biased model
+    raw, labels, prior = _prior_biased_logits(seed=0)
     folded = (raw - 0.75 * prior) / 0.4  # what training (tau 0.75) and calibration (T 0.4) leave in the head
     unfolded = script.raw_logits(folded, {"logit_adjustment_tau": 0.75, "temperature": 0.4}, prior)
     assert np.allclose(unfolded, raw)
     rows = {r["tau"]: r for r in script.sweep(unfolded, labels, prior)}
-    assert set(rows) == set(train.TAU_GRID)
-    from sklearn.metrics import balanced_accuracy_score
-
+    assert set(rows) == set(calibration.TAU_GRID)
     for tau, row in rows.items():  # each row decides with raw - tau log prior (T never moves the argmax)
         assert row["balanced_accuracy"] == pytest.approx(
             balanced_accuracy_score(labels, (raw - tau * prior).argmax(1)), abs=1e-4)
@@ -129,12 +151,60 @@ def test_tuned_logit_adjustment_records_a_grid_tau(tmp_path, ham_dir_ro, tiny_ba
     argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--logit_adjustment_tau", "1",
                       "--tune_logit_adjustment", "true")
     assert main(argv) == 0
-    assert json.loads((out / "all_results.json").read_text())["logit_adjustment_tau"] in train.TAU_GRID
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["logit_adjustment_tau"] in calibration.TAU_GRID
+    assert results["logit_adjustment_max_ece"] == calibration.MAX_ECE
+
+
+def _validation_logits(folder, dsd) -> np.ndarray:
+    """A saved model's validation logits, float64."""
+    from ham_hf import model as model_lib
+    from ham_hf.evaluation import embed
+    from ham_hf.transforms import cache_split
+
+    model = model_lib.load_model(str(folder)).float().eval()
+    dc = model_lib.data_config(model)
+    with torch.inference_mode():
+        return embed(model, cache_split(dsd["validation"], dc), dc)[1].astype(np.float64)
+
+
+def test_calibrate_retunes_tau_and_refolds_the_head(tmp_path, ham_dir_ro, tiny_backbone):
+    from ham_hf import data
+
+    src, out = tmp_path / "adjusted", tmp_path / "retuned"
+    assert main(train_argv(ham_dir_ro, tiny_backbone, src, "--class_weighting", "none", "--logit_adjustment_tau", "0.5",
+                           "--calibrate", "false")) == 0
+    assert main(["calibrate", "--model", str(src), "--data", str(ham_dir_ro), "--output", str(out),
+                 "--retune_logit_adjustment", "true", "--logit_adjustment_max_ece", "1"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    tau, temperature = results["logit_adjustment_tau"], results["temperature"]
+    dsd = data.load_splits(str(ham_dir_ro))
+    prior = calibration.log_prior(dsd["train"]["label"]).double().numpy()
+    raw = _validation_logits(src, dsd) + 0.5 * prior  # the head held raw - 0.5 log prior, T 1
+    assert tau == calibration.choose_tau(raw, np.array(dsd["validation"]["label"]), prior, max_ece=1)[0]
+    # The saved head now gives (raw - tau log prior) / T: what the pipeline and the app read.
+    assert np.allclose(_validation_logits(out, dsd), (raw - tau * prior) / temperature, rtol=1e-4, atol=1e-4)
+    assert f"**tau = {tau:g}**" in (out / "README.md").read_text()
+
+
+def test_retuning_needs_a_logit_adjusted_model(tiny_model, ham_dir_ro, tmp_path, caplog):
+    out = tmp_path / "o"
+    assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out),
+                 "--retune_logit_adjustment", "true"]) == 2
+    assert "not trained with logit adjustment" in caplog.text and not out.exists()
+    assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--int8_only", "true",
+                 "--retune_logit_adjustment", "true"]) == 2
+    assert "cannot be combined" in caplog.text
+    assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro),
+                 "--logit_adjustment_max_ece", "0"]) == 2
+    assert "must be in (0, 1]" in caplog.text
 
 
 def test_negative_tau_is_refused(tmp_path, ham_dir_ro, tiny_backbone, caplog):
     argv = train_argv(ham_dir_ro, tiny_backbone, tmp_path / "o", "--logit_adjustment_tau", "-1")
     assert main(argv) == 2 and "--logit_adjustment_tau must be >= 0" in caplog.text
+    argv = train_argv(ham_dir_ro, tiny_backbone, tmp_path / "o", "--logit_adjustment_max_ece", "1.5")
+    assert main(argv) == 2 and "--logit_adjustment_max_ece must be in (0, 1]" in caplog.text
 
 
 # ----------------------------------------------------------------------------- ham-hf tune
@@ -185,7 +255,7 @@ def test_trial_options_reach_the_recipe_and_the_arguments(tmp_path, ham_dir_ro, 
     trainer._hp_search_setup(trial=types.SimpleNamespace(params={}))
     assert trainer.args.learning_rate == 5e-4 and trainer.recipe.label_smoothing == 0.15
     assert trainer.recipe.class_weighting == "none" and trainer.loss_weights is None
-    assert torch.allclose(trainer.logit_offset, -0.75 * train.log_prior(cached["train"].labels))
+    assert torch.allclose(trainer.logit_offset, -0.75 * calibration.log_prior(cached["train"].labels))
 
 
 def test_tune_refuses_unknown_parameters_and_a_budget_below_one_trial(tmp_path, ham_dir_ro, tiny_backbone, caplog):
