@@ -2,7 +2,7 @@
 # The recipe study on this CPU, in bf16, at a budget that fits a session (about an hour on 2 cores).
 #
 #   bash scripts/cpu_recipe_study.sh [DATA] [OUT]      # DATA: a prepared dataset (default data/ham10000)
-#   ONLY="160-la-strong-aug 160-la-strong-aug-cast" bash scripts/cpu_recipe_study.sh DATA OUT   # some runs
+#   ONLY="160-la-strong-aug 160-la-strong-aug-blur" bash scripts/cpu_recipe_study.sh DATA OUT   # some runs
 #
 # Every run starts from configs/resnet50.json and the shared ImageNet ResNet-50 and trains on the same
 # seeded sample of the training split (TRAIN_SAMPLES, default 2,500 images) for EPOCHS epochs (the
@@ -25,6 +25,7 @@ RUNS=(
   "160-la-strong-aug|--image_size 160 $LA $STRONG"
   "192-la-strong-aug|--image_size 192 $LA $STRONG"
   "160-la-strong-aug-cast|--image_size 160 $LA $STRONG --channel_gain 0.15"
+  "160-la-strong-aug-blur|--image_size 160 $LA $STRONG --blur_sigma 2"
 )
 mkdir -p "$OUT"
 for run in "${RUNS[@]}"; do

@@ -90,6 +90,26 @@ def test_channel_gain_scales_each_channel_within_its_range(tiny):
     torch.testing.assert_close(pixels.std(dim=(2, 3)), torch.zeros(4, 3), atol=1e-4, rtol=0)  # still flat
 
 
+def test_blur_defocuses_about_half_the_batch_and_keeps_the_rest(tiny):
+    """Each image is either left as it is (sigma 0) or smoothed, with its mean kept."""
+    _, dc = tiny
+    pre = Preprocess(dc, AugmentArguments(blur_sigma=3.0))
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, dc.size, dc.size)
+    y = pre.random_blur(x)
+
+    def roughness(t):  # mean absolute difference of horizontal neighbours, per image
+        return (t[..., 1:] - t[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    same = torch.isclose(x, y, atol=1e-6).flatten(1).all(1)
+    assert 8 <= int(same.sum()) <= 24  # about half untouched
+    assert (roughness(y) <= roughness(x) + 1e-6).all()  # never sharper
+    assert int((roughness(y) < 0.5 * roughness(x)).sum()) >= 8  # most of the others clearly smoothed
+    torch.testing.assert_close(y.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=5e-3, rtol=0)
+    images = torch.randint(0, 256, (4, dc.resize, dc.resize, 3), dtype=torch.uint8)
+    assert pre(images, train=True).shape == (4, 3, dc.size, dc.size)  # wired into training preprocessing
+
+
 # ----------------------------------------------------------------------------- the dermoscope's black frame
 
 
