@@ -124,8 +124,8 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                 image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"],
                                  label="Dermatoscopic image", elem_id="image")
                 # On by default: averaging the 8 flip / rotation views scored better on validation balanced
-                # accuracy, accuracy, AUC and ECE (README, "Test-time augmentation"), for about 0.15 s per
-                # image on a 2-core CPU.
+                # accuracy, accuracy, AUC and Brier score (README, "Test-time augmentation"), for about
+                # 0.15 s per image on a 2-core CPU.
                 tta = gr.Checkbox(label="Test-time augmentation (8 views)", value=True)
                 show_anyway = gr.Checkbox(label="Show the probabilities anyway (even if the image does not look "
                                                 "like a dermatoscopic lesion image)", value=False)
