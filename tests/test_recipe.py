@@ -185,6 +185,12 @@ def test_calibrate_retunes_tau_and_refolds_the_head(tmp_path, ham_dir_ro, tiny_b
     # The saved head now gives (raw - tau log prior) / T: what the pipeline and the app read.
     assert np.allclose(_validation_logits(out, dsd), (raw - tau * prior) / temperature, rtol=1e-4, atol=1e-4)
     assert f"**tau = {tau:g}**" in (out / "README.md").read_text()
+    from huggingface_hub import ModelCard  # the Hub's results follow the re-decided head
+
+    test = json.loads((out / "test_metrics.json").read_text())
+    listed = {r.metric_type: r.metric_value for r in ModelCard.load(out / "README.md").data.eval_results}
+    assert listed["balanced_accuracy"] == round(test["balanced_accuracy"], 4)
+    assert listed["accuracy"] == round(test["accuracy"], 4)
 
 
 def test_retuning_needs_a_logit_adjusted_model(tiny_model, ham_dir_ro, tmp_path, caplog):
