@@ -172,7 +172,7 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
                                     title=f"{split}, before calibration: ECE {b['ece']:.3f}")
         if write and write_reports:
             scored = report.write_split_reports(output_dir, split, after, y, cached[split].image_ids,
-                                                cached[split].groups)
+                                                cached[split].groups, cached[split].dx_types)
             results.update({f"{prefix}_{k}": v for k, v in metrics.flatten(scored).items()})
             results.setdefault("split_metrics", {})[split] = scored
         assert (before.argmax(1) == after.argmax(1)).all()  # T > 0 cannot move the argmax

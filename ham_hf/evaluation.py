@@ -76,7 +76,7 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
     name = f"eval-{split}-tta" if tta else f"eval-{split}"
     out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / name
     result = report.write_split_reports(out, split, metrics.softmax(logits), cached.labels.numpy(), cached.image_ids,
-                                        cached.groups)
+                                        cached.groups, cached.dx_types)
     report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
     report.update_all_results(out, {"precision": "bf16" if bf16 else "fp32", "device": str(device),
                                     "test_time_augmentation": tta})

@@ -206,6 +206,22 @@ def ci_table(split_metrics: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def dx_type_table(split_metrics: dict[str, dict]) -> str:
+    """Markdown table of accuracy / balanced accuracy by how the diagnosis was confirmed, one column per split."""
+    splits = [s for s in ("validation", "test") if "by_dx_type" in split_metrics.get(s, {})]
+    if not splits:
+        return ""
+    rows = ["By how the diagnosis was confirmed (`dx_type`): accuracy / balanced accuracy over the classes present "
+            "(images). HAM10000's follow-up images are all nevi and easy; histopathology-confirmed lesions are the "
+            "hard ones, and the most like other clinics' data.", "",
+            "| dx_type | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
+    for kind in split_metrics[splits[-1]]["by_dx_type"]:
+        cells = [split_metrics[s]["by_dx_type"].get(kind) for s in splits]
+        rows.append(f"| {kind} | " + " | ".join(
+            f"{c['accuracy']:.3f} / {c['balanced_accuracy']:.3f} ({c['n']})" if c else "-" for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def logit_adjustment_lines(results: dict) -> list[str]:
     """The card's sentence on the logit-adjusted decision (none for a model without it)."""
     tau = results.get("logit_adjustment_tau")
@@ -223,7 +239,8 @@ def logit_adjustment_lines(results: dict) -> list[str]:
 def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -> str:
     """The card section on uncertainty (CIs), calibration (T, ECE / Brier before and after) and the OOD guard."""
     table = ci_table(split_metrics or {})
-    lines = [TRUST_MARKER, "", *([table, ""] if table else []),
+    subgroups = dx_type_table(split_metrics or {})
+    lines = [TRUST_MARKER, "", *([table, ""] if table else []), *([subgroups, ""] if subgroups else []),
              "Temperature scaling fitted on the validation split, "
              f"**T = {results['temperature']:.3f}**, folded into the "
              "classifier head (weight and bias divided by T): every loader gives calibrated probabilities, and the "

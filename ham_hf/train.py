@@ -366,7 +366,7 @@ def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Pa
         return {}
     probs = metrics.softmax(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
     return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids,
-                                      dataset.groups)
+                                      dataset.groups, dataset.dx_types)
 
 
 def training_summary(args, recipe, augment, dc, trainer) -> dict:

@@ -160,12 +160,14 @@ class CachedImages(torch.utils.data.Dataset):
     """A decoded split: uint8 HWC images and labels, served as Trainer inputs."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int], image_ids: Sequence[str] | None = None,
-                 groups: Sequence[str] | None = None):
+                 groups: Sequence[str] | None = None, dx_types: Sequence[str | None] | None = None):
         self.images = images
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.image_ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(self.labels))]
         # Lesion ids: confidence intervals resample lesions, not images (default: each image its own).
         self.groups = list(groups) if groups is not None else list(self.image_ids)
+        # How each diagnosis was confirmed (histo, follow_up, consensus, confocal): the reports' subgroups.
+        self.dx_types = list(dx_types) if dx_types is not None else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -182,7 +184,8 @@ def cache_split(dataset, data_config: DataConfig, threads: int | None = None) ->
     payloads = [img["bytes"] if img["bytes"] is not None else img["path"] for img in raw["image"]]
     images = decode_images(payloads, data_config.resize, data_config.interpolation, threads)
     groups = raw["lesion_id"] if "lesion_id" in raw.column_names else None
-    return CachedImages(images, raw["label"], raw["image_id"], groups)
+    dx_types = raw["dx_type"] if "dx_type" in raw.column_names else None
+    return CachedImages(images, raw["label"], raw["image_id"], groups, dx_types)
 
 
 # ----------------------------------------------------------------------------- on-device preprocessing

@@ -76,6 +76,26 @@ def test_bootstrap_intervals_contain_the_estimate_and_are_seeded():
     assert a["ci_resamples"] == 200
 
 
+def test_reports_break_the_figures_down_by_how_the_diagnosis_was_confirmed(tmp_path):
+    from ham_hf import hub, report
+
+    rng = np.random.default_rng(0)
+    labels = np.array([5] * 6 + [4, 4, 2, 2] + list(range(7)))
+    predicted = np.array([5] * 6 + [4, 5, 2, 2] + list(range(7)))  # one histo melanoma called a nevus
+    probs = np.eye(7)[predicted] * 0.9 + rng.random((len(labels), 7)) * 0.01
+    dx = ["follow_up"] * 6 + ["histo"] * 4 + ["consensus"] * 7
+    result = report.write_split_reports(tmp_path, "test", probs, labels, [f"i{k}" for k in range(len(labels))],
+                                        dx_types=dx)
+    assert result["by_dx_type"] == {
+        "consensus": {"n": 7, "accuracy": 1.0, "balanced_accuracy": 1.0},
+        "follow_up": {"n": 6, "accuracy": 1.0, "balanced_accuracy": 1.0},
+        "histo": {"n": 4, "accuracy": 0.75, "balanced_accuracy": 0.75},  # mel 1/2, bkl 2/2
+    }
+    assert json.loads((tmp_path / "test_metrics.json").read_text())["by_dx_type"] == result["by_dx_type"]
+    assert list(result["by_dx_type"]) == ["consensus", "follow_up", "histo"]  # largest first
+    assert "| histo | 0.750 / 0.750 (4) |" in hub.dx_type_table({"test": result})
+
+
 def test_operating_points_match_their_definitions():
     labels = np.array([4] * 10 + [5] * 90)  # 10 melanomas among 100
     probs = np.full((100, 7), 0.01)
@@ -101,6 +121,8 @@ def test_trained_model_is_calibrated_and_guarded(calibrated_tiny_model):
     assert test["ci_resamples"] == metrics.N_BOOTSTRAP and "balanced_accuracy" in test["ci"]
     card = (calibrated_tiny_model / "README.md").read_text()
     assert "## Calibration and out-of-distribution guard" in card and "AUROC" in card
+    assert sum(g["n"] for g in test["by_dx_type"].values()) == sum(map(sum, test["confusion_matrix"]))
+    assert "By how the diagnosis was confirmed" in card
     guard = ood.Guard.load(calibrated_tiny_model / ood.GUARD_FILE)
     assert guard.feature_size == model_lib.head(model_lib.load_model(str(calibrated_tiny_model))).in_features
 

@@ -136,8 +136,12 @@ def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
     folded = (raw - 0.75 * prior) / 0.4  # what training (tau 0.75) and calibration (T 0.4) leave in the head
     unfolded = script.raw_logits(folded, {"logit_adjustment_tau": 0.75, "temperature": 0.4}, prior)
     assert np.allclose(unfolded, raw)
-    rows = {r["tau"]: r for r in script.sweep(unfolded, labels, prior)}
+    dx_types = np.where(np.arange(len(labels)) % 3 == 0, "histo", "follow_up")
+    rows = {r["tau"]: r for r in script.sweep(unfolded, labels, prior, dx_types=dx_types)}
     assert set(rows) == set(calibration.TAU_GRID)
+    histo = dx_types == "histo"
+    assert rows[0.5]["histo_accuracy"] == pytest.approx(
+        ((raw - 0.5 * prior).argmax(1)[histo] == labels[histo]).mean(), abs=1e-4)
     for tau, row in rows.items():  # each row decides with raw - tau log prior (T never moves the argmax)
         assert row["balanced_accuracy"] == pytest.approx(
             balanced_accuracy_score(labels, (raw - tau * prior).argmax(1)), abs=1e-4)
