@@ -278,7 +278,6 @@ class Preprocess(nn.Module):
             x = torch.einsum("bij,bjhw->bihw", m, x)
         return x.clamp_(0, 1)
 
-
     def random_blur(self, x: torch.Tensor) -> torch.Tensor:
         """A Gaussian defocus for a random half of the batch, sigma uniform in (0, blur_sigma] per image."""
         b, c, h, w = x.shape
