@@ -319,13 +319,14 @@ def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages],
 
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
               bf16: bool | None = None, int8_only: bool = False, retune_tau: bool = False,
-              max_ece: float | None = None) -> dict:
+              max_ece: float | None = None, cached: dict[str, CachedImages] | None = None) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
 
     With `int8_only`, only the int8 ranges and fidelity record are refitted (after an ONNX Runtime
     or int8 recipe change): weights, temperature and guard stay as they are. With `retune_tau`, a
     logit-adjusted model's tau is chosen again first (`retune_logit_adjustment`). Everything is written
     to a staging copy first and swapped in at the end: a failure leaves the model folder as it was.
+    `cached`: the splits already decoded at the model's resolution by a caller that checked them.
     """
     from ham_hf import export, hub
 
@@ -339,10 +340,11 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     model = model_lib.load_model(model_path)
     model = model.float().eval().to(memory_format=torch.channels_last)
     dc = model_lib.data_config(model)
-    dsd = data.load_splits(source, split_args)
-    check_same_split(dsd, src / data.SPLIT_FILE)
-    splits = ("train", "validation") if int8_only else data.SPLITS
-    cached = {name: cache_split(dsd[name], dc) for name in splits if len(dsd[name])}
+    if cached is None:
+        dsd = data.load_splits(source, split_args)
+        check_same_split(dsd, src / data.SPLIT_FILE)
+        splits = ("train", "validation") if int8_only else data.SPLITS
+        cached = {name: cache_split(dsd[name], dc) for name in splits if len(dsd[name])}
     bf16 = model_lib.cpu_bf16_native() if bf16 is None else bf16
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         stage = Path(tmp) / "stage"

@@ -10,6 +10,7 @@
     ham-hf export   --model DIR --output model.onnx
     ham-hf deploy   --space_id ORG/NAME [--model HUB_ID_OR_DIR] [--private] [--hardware cpu-basic]
     ham-hf bundle   --model DIR --output_dir models/ham10000-resnet50 [--dtype float16]
+    ham-hf soup     --models DIR DIR... --data DIR --output_dir DIR [--greedy true]   (weight averaging)
 
 Each sub-command's options come from dataclasses parsed by `HfArgumentParser`; `--help` lists them.
 One spelling per option across commands: `--data` for a data source, `--model` for a model,
@@ -264,6 +265,15 @@ def cmd_bundle(argv: list[str]) -> int:
     return 0
 
 
+def cmd_soup(argv: list[str]) -> int:
+    """Average fine-tuned models into one (greedy model soup, chosen on validation), then calibrate it."""
+    from ham_hf import data, soup
+
+    args, split_args = parse(argv, soup.SoupArguments, data.SplitArguments)
+    soup.run(args, split_args)
+    return 0
+
+
 def cmd_deploy(argv: list[str]) -> int:
     """Create or update the Hugging Face Space of the app, with exactly the files it needs."""
     from ham_hf import deploy
@@ -281,6 +291,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "push": cmd_push,
     "export": cmd_export,
     "prepare": cmd_prepare,
+    "soup": cmd_soup,
     "train": cmd_train,
     "tune": cmd_tune,
     "evaluate": cmd_evaluate,

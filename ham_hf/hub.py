@@ -71,9 +71,10 @@ def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | No
 
 # ----------------------------------------------------------------------------- models
 
+SOUP_FILE = "soup.csv"  # a model soup's steps (ham_hf.soup): which runs it averages, and why
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "all_results.json", "split.csv",
                "training_curves.png", "ood_guard.safetensors", "ood_images.json", "int8_ranges.json",
-               "int8_fidelity.json")
+               "int8_fidelity.json", SOUP_FILE)
 MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv", "*_reliability*.png")
 CARD_METRICS = (("accuracy", "Accuracy"), ("balanced_accuracy", "Balanced accuracy (mean recall)"),
                 ("macro_f1", "Macro F1"), ("roc_auc_macro", "Macro one-vs-rest ROC AUC"))

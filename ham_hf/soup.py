@@ -1,0 +1,222 @@
+"""Model soups: the weights of several fine-tuned models averaged into one (Wortsman et al., ICML 2022).
+
+    ham-hf soup --models outputs/run-a outputs/run-b outputs/run-c --data data/ham10000 --output_dir outputs/soup
+
+Models fine-tuned from the same pretrained weights with the same seed (so the same initial head)
+tend to lie in one basin of the loss, and the average of their weights is then one model, as fast as
+each of them and loadable by `pipeline(...)`, that is often more accurate and more robust to other
+image sources than the best of them. The greedy recipe: sort the ingredients by validation balanced
+accuracy, start from the best and keep each next one only if the soup's validation balanced accuracy
+does not drop; the result is never worse on validation than the best ingredient.
+
+Each head is unfolded first (its folded temperature and logit adjustment, from its all_results.json),
+the soups are scored as the project decides (`choose_tau`: the best balanced accuracy among the taus
+whose calibrated ECE meets the calibration goal), and the chosen soup is then calibrated like any
+trained model (`calibration.calibrate`: temperature, guard, int8, reports and card; the test split
+is scored there, once).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ham_hf import calibration, data, hub, report
+from ham_hf import model as model_lib
+from ham_hf.errors import ModelError, UserError
+from ham_hf.evaluation import embed
+from ham_hf.transforms import CachedImages, cache_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SoupArguments:
+    """Options of `ham-hf soup`."""
+
+    models: list[str] = field(metadata={"help": "Two or more model folders written by ham-hf train (same backbone, "
+                                                "seed and split)."})
+    data: str = field(metadata={"help": "The data they were trained on: prepared folder, raw folder or Hub id."})
+    output_dir: str = field(metadata={"help": "Folder to write the soup to (a model folder like ham-hf train's).",
+                                      "aliases": ["--output"]})
+    greedy: bool = field(default=True, metadata={
+        "help": "Greedy soup (keep an ingredient only if validation balanced accuracy does not drop); false: the "
+                "uniform average of all."})
+    logit_adjustment_max_ece: float = field(default=calibration.MAX_ECE, metadata={
+        "help": "A tau qualifies only if temperature scaling brings its validation ECE to this or below; 1: no "
+                "condition."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
+                                                              "the hardware runs it natively)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+
+    def __post_init__(self):
+        if len({Path(m).resolve() for m in self.models}) < 2:
+            raise UserError(f"a soup needs two or more different models (got {self.models}): list them after --models")
+        if not 0 < self.logit_adjustment_max_ece <= 1:
+            raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece})")
+        out = Path(self.output_dir)
+        if out.resolve() in {Path(m).resolve() for m in self.models}:
+            raise UserError(f"--output_dir {self.output_dir} is one of the ingredients; write the soup elsewhere")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not self.overwrite:
+            raise UserError(f"--output_dir {self.output_dir} exists and is not empty; pass --overwrite true to "
+                            "replace it")
+
+
+def validation_ids(model_dir: Path) -> set[str]:
+    """The image ids a model held out for validation (its split.csv)."""
+    with (model_dir / data.SPLIT_FILE).open(newline="") as fh:
+        return {row["image_id"] for row in csv.DictReader(fh) if row["split"] == "validation"}
+
+
+def check_ingredients(paths: list[Path]) -> None:
+    """Refuse what cannot be averaged: not a HAM10000 classifier, another architecture or another split."""
+    for path in paths:
+        if not path.is_dir() or not model_lib.is_fine_tuned(str(path)):
+            raise ModelError(f"{path} is not a HAM10000 model folder; give folders written by `ham-hf train`")
+        if not (path / data.SPLIT_FILE).is_file():
+            raise ModelError(f"{path} has no {data.SPLIT_FILE}: without it its held-out validation split is unknown")
+    first = paths[0]
+    arch = model_lib.load_config(str(first)).architecture
+    for path in paths[1:]:
+        other = model_lib.load_config(str(path)).architecture
+        if other != arch:
+            raise ModelError(f"{first} is a {arch} and {path} a {other}: a soup averages models of one architecture, "
+                             "fine-tuned from the same pretrained weights")
+        if validation_ids(path) != validation_ids(first):
+            raise ModelError(f"{first} and {path} were validated on different splits: the soup is chosen on "
+                             "validation, so every ingredient must have held out the same one (--split_seed)")
+
+
+def unfolded_state(path: Path, prior: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model's float32 weights with its head unfolded to the bare logits (no temperature, no logit adjustment)."""
+    model = model_lib.load_model(str(path)).float()
+    results = json.loads((path / "all_results.json").read_text()) if (path / "all_results.json").is_file() else {}
+    model_lib.scale_head(model, calibration.head_temperature(path))
+    model_lib.add_to_head_bias(model, float(results.get("logit_adjustment_tau", 0.0)) * prior)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts (integer buffers such as BatchNorm's step count: the first's)."""
+    keys, shapes = states[0].keys(), {k: v.shape for k, v in states[0].items()}
+    for state in states[1:]:
+        if state.keys() != keys or any(state[k].shape != shapes[k] for k in keys):
+            raise ModelError("the ingredients' weights differ in names or shapes: they are not one architecture")
+    return {k: torch.stack([s[k] for s in states]).mean(0) if states[0][k].is_floating_point() else states[0][k]
+            for k in keys}
+
+
+class Scorer:
+    """Scores weights on validation as the project decides: bare logits, then `choose_tau`."""
+
+    def __init__(self, model, data_config, validation: CachedImages, prior: np.ndarray, max_ece: float, bf16: bool):
+        self.model, self.data_config, self.validation = model, data_config, validation
+        self.prior, self.max_ece, self.bf16 = prior, max_ece, bf16
+
+    @torch.inference_mode()
+    def __call__(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(validation balanced accuracy at the chosen tau, that tau) of a state dict."""
+        self.model.load_state_dict(state)
+        raw = embed(self.model, self.validation, self.data_config, bf16=self.bf16)[1]
+        tau, table = calibration.choose_tau(raw, self.validation.labels.numpy(), self.prior, max_ece=self.max_ece)
+        return float(table[tau]["balanced_accuracy"]), tau
+
+
+def greedy_soup(states: dict[str, dict], scorer: Scorer, greedy: bool = True) -> tuple[list[str], dict, float, list]:
+    """(kept ingredient names, soup state, its tau, one record per step) of the greedy (or uniform) soup."""
+    scored = {name: scorer(state) for name, state in states.items()}
+    steps = [{"step": "ingredient", "model": name, "balanced_accuracy": s, "tau": t} for name, (s, t) in scored.items()]
+    order = sorted(states, key=lambda name: -scored[name][0])
+    if not greedy:
+        soup = average([states[n] for n in order])
+        score, tau = scorer(soup)
+        steps.append({"step": "uniform soup", "model": "+".join(order), "balanced_accuracy": score, "tau": tau})
+        return order, soup, tau, steps
+    kept, soup, (best, best_tau) = [order[0]], states[order[0]], scored[order[0]]
+    for name in order[1:]:
+        candidate = average([states[n] for n in [*kept, name]])
+        score, tau = scorer(candidate)
+        accepted = score >= best
+        steps.append({"step": "add" if accepted else "reject", "model": name, "balanced_accuracy": score, "tau": tau})
+        logger.info("soup + %s: validation balanced accuracy %.4f (best so far %.4f): %s", name, score, best,
+                    "kept" if accepted else "left out")
+        if accepted:
+            kept, soup, best, best_tau = [*kept, name], candidate, score, tau
+    return kept, soup, best_tau, steps
+
+
+def write_card(output: Path, args: SoupArguments, split_args: data.SplitArguments, kept: list[str]) -> None:
+    """The soup's model card: its ingredients, the command, and the figures calibration wrote."""
+    final = {split: json.loads((output / f"{split}_metrics.json").read_text())
+             for split in ("validation", "test") if (output / f"{split}_metrics.json").is_file()}
+    command = shlex.join(["ham-hf", "soup", "--models", *args.models, "--data", args.data,
+                          "--output_dir", args.output_dir, "--greedy", str(args.greedy).lower()])
+    training = {"method": "greedy soup" if args.greedy else "uniform soup", "ingredients": ", ".join(kept),
+                "offered": ", ".join(args.models), "recipes": "each ingredient's own model card (README.md)",
+                "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)"}
+    card = Path(args.models[0]) / "README.md"  # the backbone, as the first ingredient's card names it
+    found = re.search(r"Base model: `([^`]+)`", card.read_text()) if card.is_file() else None
+    base = found.group(1) if found else "unknown"
+    hub.model_card(final, base_model=base, dataset=args.data, split_description=split_args.describe(),
+                   training=training, command=command).save(output / "README.md")
+    results = json.loads((output / "all_results.json").read_text())
+    hub.add_trust_section(output / "README.md", results, final)
+
+
+def run(args: SoupArguments, split_args: data.SplitArguments | None = None) -> dict:
+    """`ham-hf soup`: choose and average the ingredients on validation, save, then calibrate the result."""
+    split_args = split_args or data.SplitArguments()
+    paths = [Path(p) for p in args.models]
+    check_ingredients(paths)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_lib.load_model(str(paths[0])).float().eval()
+    dc = model_lib.data_config(model)
+    dsd = data.load_splits(args.data, split_args)
+    calibration.check_same_split(dsd, paths[0] / data.SPLIT_FILE)
+    cached = {name: cache_split(dsd[name], dc) for name in data.SPLITS if len(dsd[name])}
+    calibration.check_calibration_split(cached["validation"].labels.numpy())
+    prior = calibration.log_prior(cached["train"].labels)
+    states = {str(p): unfolded_state(p, prior) for p in paths}
+    bf16 = args.bf16 if args.bf16 is not None else (
+        torch.cuda.is_bf16_supported() if device.type == "cuda" else model_lib.cpu_bf16_native())
+    model = model.to(device).to(memory_format=torch.channels_last)
+    scorer = Scorer(model, dc, cached["validation"], prior.double().numpy(), args.logit_adjustment_max_ece, bf16)
+    kept, soup, tau, steps = greedy_soup(states, scorer, args.greedy)
+    model.load_state_dict(soup)
+    model_lib.add_to_head_bias(model, -tau * prior)  # the decision, folded as training folds it
+    output = Path(args.output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:  # a failure leaves no half-written soup
+        stage = Path(tmp) / "soup"
+        model.cpu().save_pretrained(stage)
+        shutil.copy(paths[0] / data.SPLIT_FILE, stage / data.SPLIT_FILE)
+        with (stage / hub.SOUP_FILE).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(steps[0]))
+            writer.writeheader()
+            writer.writerows(steps)
+        results = {"soup_ingredients": kept, "soup_offered": [str(p) for p in paths], "soup_greedy": args.greedy,
+                   "logit_adjustment_tau": tau, "logit_adjustment_max_ece": args.logit_adjustment_max_ece}
+        report.update_all_results(stage, results)
+        logger.info("soup of %d of %d models (%s) at tau %g; calibrating", len(kept), len(paths), ", ".join(kept), tau)
+        # Calibration runs on the CPU: bf16 there only where the CPU has it (args.bf16 None lets it decide).
+        results.update(calibration.calibrate(str(stage), args.data, split_args=split_args, bf16=args.bf16,
+                                             cached=cached))
+        write_card(stage, args, split_args, kept)
+        if output.is_dir():  # empty, or --overwrite
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        stage.rename(output)
+    logger.info("soup in %s", output)
+    return results
+

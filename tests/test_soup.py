@@ -1,0 +1,132 @@
+"""Model soups: unfolded heads averaged, the greedy choice on validation, what cannot be averaged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from ham_hf import calibration, data, hub, soup
+from ham_hf.cli import main
+
+from conftest import train_argv
+
+
+@pytest.fixture(scope="module")
+def adjusted_tiny_model(tmp_path_factory, ham_dir_ro, tiny_backbone):
+    """A tiny model with logit adjustment (tau 0.5) and a folded temperature: both must be unfolded."""
+    out = tmp_path_factory.mktemp("adjusted_tiny_model")
+    assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none",
+                           "--logit_adjustment_tau", "0.5", "--learning_rate", "5e-3")) == 0
+    return out
+
+
+def _prior(ham_dir):
+    """The log train prior of the synthetic data."""
+    return calibration.log_prior(data.load_splits(str(ham_dir))["train"]["label"])
+
+
+def test_greedy_soup_keeps_what_helps_and_leaves_out_what_hurts():
+    states = {"a": {"w": torch.tensor([1.25])}, "b": {"w": torch.tensor([0.75])}, "c": {"w": torch.tensor([3.0])}}
+
+    def scorer(state):  # best at w = 1; tau 0.25 for every soup
+        return -abs(float(state["w"]) - 1.0), 0.25
+
+    kept, state, tau, steps = soup.greedy_soup(states, scorer)
+    assert kept == ["a", "b"] and torch.allclose(state["w"], torch.tensor([1.0])) and tau == 0.25
+    assert [s["step"] for s in steps] == ["ingredient"] * 3 + ["add", "reject"]
+    kept, state, _, steps = soup.greedy_soup(states, scorer, greedy=False)
+    assert sorted(kept) == ["a", "b", "c"] and torch.allclose(state["w"], torch.tensor([5.0 / 3]))
+    assert steps[-1]["step"] == "uniform soup"
+
+
+def test_average_keeps_integer_buffers_and_refuses_other_shapes():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(5)}
+    avg = soup.average([a, b])
+    assert torch.equal(avg["w"], torch.tensor([1.0, 3.0])) and int(avg["n"]) == 3
+    with pytest.raises(soup.ModelError, match="not one architecture"):
+        soup.average([a, {"w": torch.zeros(3), "n": torch.tensor(1)}])
+
+
+def test_soup_averages_the_unfolded_heads_and_refolds_its_own(tmp_path, ham_dir_ro, calibrated_tiny_model,
+                                                               adjusted_tiny_model):
+    prior = _prior(ham_dir_ro)
+    ingredients = [calibrated_tiny_model, adjusted_tiny_model]
+    expected = soup.average([soup.unfolded_state(p, prior) for p in ingredients])
+    raw_head = torch.cat([expected["timm_model.fc.weight"], expected["timm_model.fc.bias"][:, None]], 1)
+    out = tmp_path / "soup"
+    assert main(["soup", "--models", *map(str, ingredients), "--data", str(ham_dir_ro), "--output_dir", str(out),
+                 "--greedy", "false", "--logit_adjustment_max_ece", "1"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["soup_ingredients"] and results["soup_greedy"] is False
+    assert results["logit_adjustment_tau"] in calibration.TAU_GRID and results["temperature"] > 0
+    # Unfolded by its own record, the soup is exactly the average of the unfolded ingredients.
+    got = soup.unfolded_state(out, prior)
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(got[key], value, atol=1e-5), key
+    # Its folded head is (raw - tau log prior) / T, as a trained model's.
+    folded = torch.cat([raw_head[:, :-1], (raw_head[:, -1] - results["logit_adjustment_tau"] * prior)[:, None]], 1)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model.safetensors")
+    head = torch.cat([saved["fc.weight"], saved["fc.bias"][:, None]], 1)  # timm names on disk
+    assert torch.allclose(head, folded / results["temperature"], atol=1e-5)
+    # A complete model folder: reports (test scored once), guard, the steps, a card that says what it is.
+    for name in ("config.json", "split.csv", "soup.csv", "validation_metrics.json", "test_metrics.json",
+                 "ood_guard.safetensors"):
+        assert (out / name).is_file(), name
+    assert "soup.csv" in hub.model_files(out)  # pushed and bundled with the weights
+    card = (out / "README.md").read_text()
+    assert "uniform soup" in card and "ham-hf soup --models" in card and "Temperature scaling" in card
+    with (out / "soup.csv").open() as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["ingredient", "ingredient", "uniform soup"]
+
+
+def test_soup_of_a_model_with_its_copy_is_that_model(tmp_path, ham_dir_ro, adjusted_tiny_model):
+    copy = tmp_path / "copy"
+    shutil.copytree(adjusted_tiny_model, copy)
+    out = tmp_path / "soup"
+    assert main(["soup", "--models", str(adjusted_tiny_model), str(copy), "--data", str(ham_dir_ro),
+                 "--output_dir", str(out)]) == 0
+    prior = _prior(ham_dir_ro)
+    before, after = soup.unfolded_state(adjusted_tiny_model, prior), soup.unfolded_state(out, prior)
+    assert all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items() if v.is_floating_point())
+    assert json.loads((out / "all_results.json").read_text())["soup_ingredients"] == [str(adjusted_tiny_model),
+                                                                                       str(copy)]
+
+
+def test_soup_refuses_what_cannot_be_averaged(tmp_path, ham_dir_ro, tiny_model, tiny_backbone, caplog):
+    def run(*models, out=tmp_path / "soup"):
+        return main(["soup", "--models", *map(str, models), "--data", str(ham_dir_ro), "--output_dir", str(out)])
+
+    assert run(tiny_model) == 2 and "two or more different models" in caplog.text
+    assert run(tiny_model, tiny_model) == 2
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    assert run(tiny_model, other, out=other) == 2 and "is one of the ingredients" in caplog.text
+    assert run(tiny_model, tiny_backbone) == 2 and "is not a HAM10000 model folder" in caplog.text
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architecture": "resnet18"}))
+    assert run(tiny_model, other) == 2 and "a soup averages models of one architecture" in caplog.text
+    (other / "config.json").write_text(json.dumps(config))
+    rows = list(csv.DictReader((other / "split.csv").open()))
+    moved = next(r for r in rows if r["split"] == "validation")
+    moved["split"] = "train"
+    with (other / "split.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert run(tiny_model, other) == 2 and "validated on different splits" in caplog.text
+    assert main(["soup", "--models", str(tiny_model), str(other), "--data", str(ham_dir_ro), "--output_dir",
+                 str(tmp_path / "y"), "--logit_adjustment_max_ece", "0"]) == 2
+    taken = tmp_path / "taken"
+    (taken / "keep.txt").parent.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert run(tiny_model, other, out=taken) == 2 and "--overwrite true" in caplog.text
+    assert (taken / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "soup").exists()
