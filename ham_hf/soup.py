@@ -86,9 +86,14 @@ def check_ingredients(paths: list[Path]) -> None:
         if not (path / data.SPLIT_FILE).is_file():
             raise ModelError(f"{path} has no {data.SPLIT_FILE}: without it its held-out validation split is unknown")
     first = paths[0]
-    arch = model_lib.load_config(str(first)).architecture
+    config = model_lib.load_config(str(first))
+    arch, size = config.architecture, (config.pretrained_cfg or {}).get("input_size")
     for path in paths[1:]:
-        other = model_lib.load_config(str(path)).architecture
+        other_config = model_lib.load_config(str(path))
+        other = other_config.architecture
+        if (other_config.pretrained_cfg or {}).get("input_size") != size:
+            logger.warning("%s was trained at another resolution than %s: the soup is scored and saved at %s's %s",
+                           path, first, first, size)
         if other != arch:
             raise ModelError(f"{first} is a {arch} and {path} a {other}: a soup averages models of one architecture, "
                              "fine-tuned from the same pretrained weights")

@@ -111,6 +111,10 @@ def test_soup_refuses_what_cannot_be_averaged(tmp_path, ham_dir_ro, tiny_model, 
     assert run(tiny_model, other, out=other) == 2 and "is one of the ingredients" in caplog.text
     assert run(tiny_model, tiny_backbone) == 2 and "is not a HAM10000 model folder" in caplog.text
     config = json.loads((other / "config.json").read_text())
+    resized = {**config, "pretrained_cfg": {**config["pretrained_cfg"], "input_size": [3, 48, 48]}}
+    (other / "config.json").write_text(json.dumps(resized))
+    soup.check_ingredients([tiny_model, other])  # allowed (same weights' shapes), but said
+    assert "trained at another resolution" in caplog.text
     (other / "config.json").write_text(json.dumps({**config, "architecture": "resnet18"}))
     assert run(tiny_model, other) == 2 and "a soup averages models of one architecture" in caplog.text
     (other / "config.json").write_text(json.dumps(config))
