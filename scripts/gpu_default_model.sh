@@ -70,7 +70,7 @@ setup)
 print("torch", torch.__version__, "transformers", transformers.__version__, "timm", timm.__version__, "datasets",
       datasets.__version__, "evaluate", evaluate.__version__, "pyarrow", pyarrow.__version__,
       "accelerate", accelerate.__version__, "hub", h.__version__)'
-  # The whole GPU path on tiny synthetic data: prepare, train (bf16, workers, pinned non-blocking copies), bundle.
+  # The whole GPU path on tiny synthetic data: prepare, train (bf16, workers, pinned non-blocking copies), bundle, soup.
   python3 - <<'EOF'
 import sys, tempfile
 from pathlib import Path
@@ -83,8 +83,11 @@ assert main(["prepare", "--data-dir", str(ham), "--output", str(tmp / "prep")]) 
 assert main(train_argv(tmp / "prep", bb, tmp / "out", "--class_weighting", "none", "--logit_adjustment_tau", "1",
                        "--save_only_model", "true")) == 0
 assert main(["bundle", "--model", str(tmp / "out"), "--output", str(tmp / "bundle")]) == 0
-import json; r = json.loads((tmp / "out" / "all_results.json").read_text())
-print("SMOKE OK", r["precision"], r["device"])
+import json, shutil; r = json.loads((tmp / "out" / "all_results.json").read_text())
+shutil.copytree(tmp / "out", tmp / "copy")  # the soup's GPU scoring and CPU calibration, on a model and its copy
+assert main(["soup", "--models", str(tmp / "out"), str(tmp / "copy"), "--data", str(tmp / "prep"),
+             "--output_dir", str(tmp / "soup")]) == 0
+print("SMOKE OK", r["precision"], r["device"], "soup", json.loads((tmp / "soup" / "all_results.json").read_text())["soup_ingredients"])
 EOF
   ;;
 train)
