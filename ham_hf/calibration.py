@@ -291,6 +291,21 @@ def head_temperature(model_dir: Path) -> float:
     return float(json.loads(results.read_text()).get("temperature", 1.0)) if results.is_file() else 1.0
 
 
+def unfold_head(model, model_dir: str | Path, prior: torch.Tensor) -> dict:
+    """Undo a saved model's folded temperature and logit adjustment in its head, in place (bare logits again).
+
+    `prior` is the log class prior of the training split it was trained on; the undone values come
+    from the model folder's all_results.json and are returned.
+    """
+    path = Path(model_dir)
+    saved = json.loads((path / "all_results.json").read_text()) if (path / "all_results.json").is_file() else {}
+    tau = float(saved.get("logit_adjustment_tau", 0.0))
+    undone = {"temperature": head_temperature(path), "logit_adjustment_tau": tau}
+    model_lib.scale_head(model, undone["temperature"])
+    model_lib.add_to_head_bias(model, undone["logit_adjustment_tau"] * torch.as_tensor(prior, dtype=torch.float32))
+    return undone
+
+
 def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages], model_dir: Path, bf16: bool,
                             max_ece: float = MAX_ECE) -> tuple[dict, float]:
     """Re-choose a saved model's logit-adjustment tau on validation (`choose_tau`) and refold its head.
@@ -311,8 +326,8 @@ def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages],
     results = {"logit_adjustment_tau": tau, "logit_adjustment_max_ece": max_ece}
     if tau == old_tau:
         return results, old_t
-    model_lib.scale_head(model, old_t)
-    model_lib.add_to_head_bias(model, torch.from_numpy((old_tau - tau) * prior).float())
+    unfold_head(model, model_dir, torch.from_numpy(prior))
+    model_lib.add_to_head_bias(model, torch.from_numpy(-tau * prior).float())
     logger.info("logit adjustment: tau %.2f -> %.2f refolded into the head bias", old_tau, tau)
     return results, 1.0
 

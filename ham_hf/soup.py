@@ -105,9 +105,7 @@ def check_ingredients(paths: list[Path]) -> None:
 def unfolded_state(path: Path, prior: torch.Tensor) -> dict[str, torch.Tensor]:
     """A model's float32 weights with its head unfolded to the bare logits (no temperature, no logit adjustment)."""
     model = model_lib.load_model(str(path)).float()
-    results = json.loads((path / "all_results.json").read_text()) if (path / "all_results.json").is_file() else {}
-    model_lib.scale_head(model, calibration.head_temperature(path))
-    model_lib.add_to_head_bias(model, float(results.get("logit_adjustment_tau", 0.0)) * prior)
+    calibration.unfold_head(model, path, prior)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ham_hf import data, hub, metrics, report
 from ham_hf import model as model_lib
-from ham_hf.calibration import MAX_ECE, choose_tau, log_prior
+from ham_hf.calibration import MAX_ECE, choose_tau, log_prior, unfold_head
 from ham_hf.errors import DataError, UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.model import cpu_bf16_native
@@ -298,6 +298,32 @@ def resolve_precision(args: HamTrainingArguments) -> HamTrainingArguments:
     return args
 
 
+def continue_from(model, name_or_path: str, dsd, cached: dict[str, CachedImages]) -> None:
+    """Training from a fine-tuned HAM10000 model: refuse a split that tests on its training images, unfold its head.
+
+    Its head holds its folded temperature and logit adjustment; training (and the folding at the
+    end) needs the bare logits back, as the run that made it had them.
+    """
+    import csv
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        logger.warning("continuing from %s with its head as saved (its temperature and logit adjustment are unknown "
+                       "here): download the folder first (huggingface-cli download) to continue from its bare logits",
+                       name_or_path)
+        return
+    if (path / data.SPLIT_FILE).is_file():
+        with (path / data.SPLIT_FILE).open(newline="") as fh:
+            seen = {row["image_id"] for row in csv.DictReader(fh) if row["split"] == "train"}
+        held_out = {i for name in ("validation", "test") if name in dsd for i in dsd[name]["image_id"]}
+        if seen & held_out:
+            raise DataError(f"{len(seen & held_out)} images this run validates or tests on were in the training split "
+                            f"of {name_or_path}: continue with the split it was trained with (--split_seed, fractions)")
+    undone = unfold_head(model, path, log_prior(cached["train"].labels))
+    logger.info("continuing from the fine-tuned %s: head unfolded (temperature %.3f, tau %g undone)", name_or_path,
+                undone["temperature"], undone["logit_adjustment_tau"])
+
+
 def calibrate_after_training(trainer: HamTrainer, dc, cached: dict[str, CachedImages], output_dir: Path) -> dict:
     """Fold temperature scaling into the trained head and fit the OOD guard (every process; one writes)."""
     from ham_hf import calibration
@@ -401,6 +427,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     model = model_lib.load_model(model_args.model_name_or_path, model_args.image_size)
     dc = model_lib.data_config(model)
     dsd, cached = load_cached_splits(data_args, split_args, dc)
+    if model_lib.is_fine_tuned(model_args.model_name_or_path) and "train" in cached:
+        continue_from(model, model_args.model_name_or_path, dsd, cached)
     trainer = build_trainer(model, args, dc, cached, recipe, augment)
     if trainer.is_world_process_zero():  # under accelerate launch, one process writes the files
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Model soups: unfolded heads averaged, the greedy choice on validation, what cannot be averaged."""
+"""Fine-tuned models as starting points: soups (unfolded heads averaged, the greedy choice on validation,
+what cannot be averaged) and training on from a fine-tuned model."""
 
 from __future__ import annotations
 
@@ -134,3 +135,22 @@ def test_soup_refuses_what_cannot_be_averaged(tmp_path, ham_dir_ro, tiny_model, 
     assert run(tiny_model, other, out=taken) == 2 and "--overwrite true" in caplog.text
     assert (taken / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "soup").exists()
+
+
+def test_training_continues_from_the_bare_logits_of_a_fine_tuned_model(tmp_path, ham_dir_ro, adjusted_tiny_model):
+    out = tmp_path / "continued"
+    # Learning rate 0 and the backbone frozen throughout (its norms in eval mode): nothing can move, so
+    # the run must hand back the bare model it started from, refolded with its own tau and temperature.
+    assert main(train_argv(ham_dir_ro, adjusted_tiny_model, out, "--class_weighting", "none", "--logit_adjustment_tau",
+                           "0.25", "--learning_rate", "0", "--freeze_backbone_epochs", "2")) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["logit_adjustment_tau"] == 0.25
+    prior = _prior(ham_dir_ro)
+    before, after = soup.unfolded_state(adjusted_tiny_model, prior), soup.unfolded_state(out, prior)
+    assert all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items() if v.is_floating_point())
+
+
+def test_training_on_refuses_a_split_that_tests_on_the_model_s_training_images(tmp_path, ham_dir_ro,
+                                                                               adjusted_tiny_model, caplog):
+    argv = train_argv(ham_dir_ro, adjusted_tiny_model, tmp_path / "o", "--split_seed", "7")
+    assert main(argv) == 2 and "were in the training split of" in caplog.text and "--split_seed" in caplog.text
