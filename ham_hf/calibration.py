@@ -115,13 +115,10 @@ def check_calibration_split(labels: np.ndarray, split: str = "validation") -> No
 
 def check_same_split(dsd, split_file: Path) -> None:
     """Refuse data split otherwise than the model's own split.csv says (its validation would be trained on)."""
-    import csv
-
     if not split_file.is_file():
         logger.warning("no %s beside the model: cannot check that validation was held out in training", split_file.name)
         return
-    with split_file.open(newline="") as fh:
-        expected = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == "validation"}
+    expected = data.read_split_file(split_file, "validation")
     got = set(dsd["validation"]["image_id"])
     if got != expected:
         raise DataError(f"the validation split of this data ({len(got)} images) is not the one in {split_file} "

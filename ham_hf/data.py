@@ -42,6 +42,7 @@ from ham_hf.split import (  # noqa: F401
     assign_splits,
     class_counts,
     find_duplicates,
+    read_split_file,
     split_dataset,
     split_table,
     write_split_file,

@@ -72,12 +72,6 @@ class SoupArguments:
                             "replace it")
 
 
-def validation_ids(model_dir: Path) -> set[str]:
-    """The image ids a model held out for validation (its split.csv)."""
-    with (model_dir / data.SPLIT_FILE).open(newline="") as fh:
-        return {row["image_id"] for row in csv.DictReader(fh) if row["split"] == "validation"}
-
-
 def check_ingredients(paths: list[Path]) -> None:
     """Refuse what cannot be averaged: not a HAM10000 classifier, another architecture or another split."""
     for path in paths:
@@ -87,19 +81,19 @@ def check_ingredients(paths: list[Path]) -> None:
             raise ModelError(f"{path} has no {data.SPLIT_FILE}: without it its held-out validation split is unknown")
     first = paths[0]
     config = model_lib.load_config(str(first))
-    arch, size = config.architecture, (config.pretrained_cfg or {}).get("input_size")
+    size, held_out = (config.pretrained_cfg or {}).get("input_size"), data.read_split_file(
+        first / data.SPLIT_FILE, "validation")
     for path in paths[1:]:
-        other_config = model_lib.load_config(str(path))
-        other = other_config.architecture
-        if (other_config.pretrained_cfg or {}).get("input_size") != size:
-            logger.warning("%s was trained at another resolution than %s: the soup is scored and saved at %s's %s",
-                           path, first, first, size)
-        if other != arch:
-            raise ModelError(f"{first} is a {arch} and {path} a {other}: a soup averages models of one architecture, "
-                             "fine-tuned from the same pretrained weights")
-        if validation_ids(path) != validation_ids(first):
+        other = model_lib.load_config(str(path))
+        if other.architecture != config.architecture:
+            raise ModelError(f"{first} is a {config.architecture} and {path} a {other.architecture}: a soup averages "
+                             "models of one architecture, fine-tuned from the same pretrained weights")
+        if data.read_split_file(path / data.SPLIT_FILE, "validation") != held_out:
             raise ModelError(f"{first} and {path} were validated on different splits: the soup is chosen on "
                              "validation, so every ingredient must have held out the same one (--split_seed)")
+        if (other.pretrained_cfg or {}).get("input_size") != size:
+            logger.warning("%s was trained at another resolution than %s: the soup is scored and saved at %s's %s",
+                           path, first, first, size)
 
 
 def unfolded_state(path: Path, prior: torch.Tensor) -> dict[str, torch.Tensor]:

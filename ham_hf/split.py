@@ -146,6 +146,12 @@ def write_split_file(dsd, path: str | Path) -> Path:
     return path
 
 
+def read_split_file(path: str | Path, split: str) -> set[str]:
+    """The image ids that a split.csv puts in `split`."""
+    with Path(path).open(newline="") as fh:
+        return {row["image_id"] for row in csv.DictReader(fh) if row["split"] == split}
+
+
 def class_counts(dsd) -> dict[str, dict[str, int]]:
     """Return {split: {class code: image count}}."""
     out = {}

@@ -304,8 +304,6 @@ def continue_from(model, name_or_path: str, dsd, cached: dict[str, CachedImages]
     Its head holds its folded temperature and logit adjustment; training (and the folding at the
     end) needs the bare logits back, as the run that made it had them.
     """
-    import csv
-
     path = Path(name_or_path)
     if not path.is_dir():
         logger.warning("continuing from %s with its head as saved (its temperature and logit adjustment are unknown "
@@ -313,8 +311,7 @@ def continue_from(model, name_or_path: str, dsd, cached: dict[str, CachedImages]
                        name_or_path)
         return
     if (path / data.SPLIT_FILE).is_file():
-        with (path / data.SPLIT_FILE).open(newline="") as fh:
-            seen = {row["image_id"] for row in csv.DictReader(fh) if row["split"] == "train"}
+        seen = data.read_split_file(path / data.SPLIT_FILE, "train")
         held_out = {i for name in ("validation", "test") if name in dsd for i in dsd[name]["image_id"]}
         if seen & held_out:
             raise DataError(f"{len(seen & held_out)} images this run validates or tests on were in the training split "
