@@ -33,15 +33,23 @@ def _prior(ham_dir):
 def test_greedy_soup_keeps_what_helps_and_leaves_out_what_hurts():
     states = {"a": {"w": torch.tensor([1.25])}, "b": {"w": torch.tensor([0.75])}, "c": {"w": torch.tensor([3.0])}}
 
-    def scorer(state):  # best at w = 1; tau 0.25 for every soup
-        return -abs(float(state["w"]) - 1.0), 0.25
+    def scorer(state):  # balanced accuracy best at w = 1, AUC best at w = 1.25
+        w = float(state["w"])
+        return {"balanced_accuracy": -abs(w - 1.0), "roc_auc_macro": -abs(w - 1.25) if w < 2 else -9, "tau": 0.25}
 
     kept, state, tau, steps = soup.greedy_soup(states, scorer)
-    assert kept == ["a", "b"] and torch.allclose(state["w"], torch.tensor([1.0])) and tau == 0.25
+    # + b: balanced accuracy 0 >= -0.25 but AUC -0.25 < 0, left out; + c hurts both.
+    assert kept == ["a"] and tau == 0.25 and [s["step"] for s in steps] == ["ingredient"] * 3 + ["reject", "reject"]
+
+    def bal_only(state):  # AUC flat: balanced accuracy alone decides
+        return {**scorer(state), "roc_auc_macro": 0.0}
+
+    kept, state, _, steps = soup.greedy_soup(states, bal_only)
+    assert kept == ["a", "b"] and torch.allclose(state["w"], torch.tensor([1.0]))
     assert [s["step"] for s in steps] == ["ingredient"] * 3 + ["add", "reject"]
-    kept, state, _, steps = soup.greedy_soup(states, scorer, greedy=False)
+    kept, state, _, steps = soup.greedy_soup(states, bal_only, greedy=False)
     assert sorted(kept) == ["a", "b", "c"] and torch.allclose(state["w"], torch.tensor([5.0 / 3]))
-    assert steps[-1]["step"] == "uniform soup"
+    assert steps[-1]["step"] == "uniform soup" and set(steps[-1]) >= {"balanced_accuracy", "roc_auc_macro", "tau"}
 
 
 def test_average_keeps_integer_buffers_and_refuses_other_shapes():
