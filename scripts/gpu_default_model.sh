@@ -129,7 +129,7 @@ train)
     # on validation, one model's cost at inference. Its calibration runs on the CPU cores.
     # shellcheck disable=SC2086
     if timeout "${SOUP_TIMEOUT:-180}" python3 -m ham_hf.cli soup --models $finished --data /tmp/ham-prepared \
-         --output_dir /tmp/runs/soup > /tmp/soup.log 2>&1; then
+         --output_dir /tmp/runs/soup --overwrite true > /tmp/soup.log 2>&1; then   # a rerun on the same machine replaces it
       mkdir -p /tmp/sweep/soup && cp /tmp/soup.log /tmp/runs/soup/{all_results.json,soup.csv,validation_metrics.json} /tmp/sweep/soup/
       echo "soup: $(python3 -c "import json; r = json.load(open('/tmp/runs/soup/all_results.json'))
 print(len(r['soup_ingredients']), 'of', len(r['soup_offered']), 'runs, validation balanced accuracy', r['eval_balanced_accuracy'])")"
