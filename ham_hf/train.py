@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments, set_seed
+from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ham_hf import data, hub, metrics, report
 from ham_hf import model as model_lib
@@ -106,8 +109,17 @@ class RecipeArguments:
                           "the out-of-distribution guard fitted on train (see ham-hf calibrate)."},
     )
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (GPU and CPU)."})
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "Exponential moving average of the weights (Polyak averaging; e.g. 0.999, 0 = off): "
+                          "validation scores, selects and saves the average, training goes on from the last "
+                          "step's weights. The decay warms up as 1 - (1 + step)^-3/4 to this cap, so a short run "
+                          "averages over a horizon that fits it."},
+    )
 
     def __post_init__(self):
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema_decay must be in [0, 1) (got {self.ema_decay}); 0 turns the average off")
         if self.logit_adjustment_tau < 0:
             raise UserError(f"--logit_adjustment_tau must be >= 0 (got {self.logit_adjustment_tau})")
         if not 0 < self.logit_adjustment_max_ece <= 1:
@@ -176,6 +188,37 @@ def class_weights(labels: torch.Tensor, mode: str, num_classes: int = len(CLASS_
     return w.float()
 
 
+# In a checkpoint of an averaging run: the weights being trained (model.safetensors holds the average).
+TRAINED_WEIGHTS = "trained_weights.safetensors"
+
+
+def _copy_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a state dict into a module's tensors in place."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            value.copy_(state[name])
+
+
+class WeightAverage(TrainerCallback):
+    """Keeps a HamTrainer's exponential moving average of the weights, updated after every optimiser step."""
+
+    def __init__(self, trainer: "HamTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the average from the weights training starts (or resumes) from."""
+        self.trainer.start_average(resumed=state.global_step > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Fold the step's weights into the average."""
+        self.trainer.ema.update(self.trainer._unwrapped(), step=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Leave the average in the model: the best one scored, or the last."""
+        best_loaded = args.load_best_model_at_end and state.best_model_checkpoint is not None
+        self.trainer.end_average(keep_model=best_loaded)
+
+
 class HamTrainer(Trainer):
     """Trainer with on-device preprocessing, weighted cross-entropy, head/backbone learning rates and freezing."""
 
@@ -188,6 +231,13 @@ class HamTrainer(Trainer):
         # Logit adjustment: added to the logits for every decision (evaluation), never to the training loss.
         self.logit_offset = logit_offset.to(self.args.device) if logit_offset is not None else None
         self.backbone_frozen = False
+        # --ema_decay: the average (timm's ModelEmaV3, made when training starts) and whether the model holds it
+        # now; evaluation and checkpoints see the average, training steps the weights being trained.
+        self.ema: ModelEmaV3 | None = None
+        self.average_in_model = False
+        self.resumed_from: str | None = None
+        if self.recipe.ema_decay > 0:
+            self.add_callback(WeightAverage(self))
         # The loss is a per-batch mean: let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
@@ -205,9 +255,65 @@ class HamTrainer(Trainer):
                         "frozen (head only)" if frozen else "trainable")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One optimisation step, after applying the freeze schedule."""
+        """One optimisation step, on the trained weights, after applying the freeze schedule."""
+        if self.average_in_model:
+            self._swap_average()
         self._sync_freeze()
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Train; remember which checkpoint a resumed run starts from (its trained weights, under averaging)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resumed_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def start_average(self, resumed: bool = False) -> None:
+        """Begin the weight average from the model as loaded; a resumed run then takes back its trained weights."""
+        self.ema = ModelEmaV3(self._unwrapped(), decay=self.recipe.ema_decay, use_warmup=True, warmup_power=3 / 4)
+        self.average_in_model = False
+        trained = Path(self.resumed_from or "") / TRAINED_WEIGHTS
+        if resumed and trained.is_file():
+            # The checkpoint's model file is the average (what was scored); training goes on from its own weights.
+            _copy_state(self._unwrapped(), load_file(str(trained), device=str(self.args.device)))
+        elif resumed:
+            logger.warning("%s has no %s: training goes on from the averaged weights", self.resumed_from,
+                           TRAINED_WEIGHTS)
+        logger.info("averaging the weights (EMA, decay warming up to %g): validation and checkpoints see the average",
+                    self.recipe.ema_decay)
+
+    def _swap_average(self) -> None:
+        """Exchange the model's weights with the average in place (the optimiser keeps its tensors)."""
+        with torch.no_grad():
+            for live, average in zip(self._unwrapped().state_dict().values(), self.ema.module.state_dict().values()):
+                trained = live.clone()
+                live.copy_(average)
+                average.copy_(trained)
+        self.average_in_model = not self.average_in_model
+
+    def end_average(self, keep_model: bool) -> None:
+        """Finish averaging: the model keeps what it holds (`keep_model`, a best checkpoint) or takes the average."""
+        if not keep_model and not self.average_in_model:
+            self._swap_average()
+        self.ema, self.average_in_model = None, False
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluate; during an averaging run, the averaged weights."""
+        if self.ema is not None and not self.average_in_model:
+            self._swap_average()
+        return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Checkpoint; during an averaging run, the averaged weights (what validation scored and selects)."""
+        if self.ema is None:
+            return super()._save_checkpoint(model, trial)
+        if not self.average_in_model:
+            self._swap_average()
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and not self.args.save_only_model:  # the trained weights too, to resume exactly
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            trained = {k: v.contiguous() for k, v in self.ema.module.state_dict().items()}
+            save_file(trained, str(folder / TRAINED_WEIGHTS))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Preprocess the uint8 batch on the device, forward, and return weighted cross-entropy."""

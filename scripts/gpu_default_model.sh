@@ -70,7 +70,8 @@ setup)
 print("torch", torch.__version__, "transformers", transformers.__version__, "timm", timm.__version__, "datasets",
       datasets.__version__, "evaluate", evaluate.__version__, "pyarrow", pyarrow.__version__,
       "accelerate", accelerate.__version__, "hub", h.__version__)'
-  # The whole GPU path on tiny synthetic data: prepare, train (bf16, workers, pinned non-blocking copies), bundle, soup.
+  # The whole GPU path on tiny synthetic data: prepare, train (bf16, workers, pinned non-blocking copies, weight
+  # averaging), bundle, soup.
   python3 - <<'EOF'
 import sys, tempfile
 from pathlib import Path
@@ -81,7 +82,7 @@ tmp = Path(tempfile.mkdtemp())
 ham, bb = make_ham_folder(tmp / "ham"), make_tiny_backbone(tmp / "bb")
 assert main(["prepare", "--data-dir", str(ham), "--output", str(tmp / "prep")]) == 0
 assert main(train_argv(tmp / "prep", bb, tmp / "out", "--class_weighting", "none", "--logit_adjustment_tau", "1",
-                       "--save_only_model", "true")) == 0
+                       "--save_only_model", "true", "--ema_decay", "0.9")) == 0
 assert main(["bundle", "--model", str(tmp / "out"), "--output", str(tmp / "bundle")]) == 0
 import json, shutil; r = json.loads((tmp / "out" / "all_results.json").read_text())
 shutil.copytree(tmp / "out", tmp / "copy")  # the soup's GPU scoring and CPU calibration, on a model and its copy

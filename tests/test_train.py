@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 from ham_hf import data, metrics, train
 from ham_hf import model as model_lib
 from ham_hf.cli import main
+from ham_hf.errors import UserError
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import AugmentArguments
 
@@ -119,9 +120,9 @@ def test_class_weights_balance_the_classes():
 
 
 def _trainer(tmp_path, ham_dir_ro, tiny_backbone, recipe, **kw):
-    args = train.HamTrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
-                                      num_train_epochs=2, learning_rate=1e-2, save_strategy="no", eval_strategy="no",
-                                      load_best_model_at_end=False, seed=0, **kw)
+    options = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=2,
+                   learning_rate=1e-2, save_strategy="no", eval_strategy="no", load_best_model_at_end=False, seed=0)
+    args = train.HamTrainingArguments(**{**options, **kw})
     model = model_lib.load_model(str(tiny_backbone))
     dc = model_lib.data_config(model)
     _, cached = train.load_cached_splits(train.DataArguments(data=str(ham_dir_ro)), data.SplitArguments(), dc)
@@ -198,6 +199,100 @@ def test_interrupted_run_resumes_without_losing_or_repeating_steps(tmp_path, ham
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- weight averaging
+
+
+class RecordTrained(TrainerCallback):
+    """The weights being trained after every optimiser step (after the average's own update)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.steps.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def expected_average(steps: list[dict], cap: float) -> dict:
+    """The warmed-up EMA of a trajectory, computed by hand: decay 1 - (1 + s)^-3/4, s = step - 1, capped."""
+    average = None
+    for step, weights in enumerate(steps, start=1):
+        s = step - 1
+        decay = 0.0 if s <= 0 else min(cap, 1 - (1 + s) ** -0.75)
+        average = {k: (v.clone() if average is None or not v.is_floating_point()
+                       else decay * average[k] + (1 - decay) * v) for k, v in weights.items()}
+    return average
+
+
+def _averaging_trainer(tmp_path, ham_dir_ro, tiny_backbone, name, **kw):
+    torch.manual_seed(0)  # the same new head for every run
+    recipe = train.RecipeArguments(freeze_backbone_epochs=0, ema_decay=0.9)
+    trainer = _trainer(tmp_path / name, ham_dir_ro, tiny_backbone, recipe, **kw)
+    record = RecordTrained()
+    trainer.add_callback(record)
+    return trainer, record
+
+
+def assert_same(a: dict, b: dict, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], **tol)
+
+
+def test_weight_average_is_scored_and_saved_while_training_goes_on_from_the_trained_weights(
+        tmp_path, ham_dir_ro, tiny_backbone):
+    def weights(trainer):
+        return {k: v.detach() for k, v in trainer.model.state_dict().items()}
+
+    plain, plain_steps = _averaging_trainer(tmp_path, ham_dir_ro, tiny_backbone, "plain")
+    plain.train()
+    assert_same(weights(plain), expected_average(plain_steps.steps, 0.9), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError):  # the average is not the last step's weights
+        assert_same(weights(plain), plain_steps.steps[-1])
+
+    # Evaluating and checkpointing every epoch swaps the average in and out: training must not notice. (The
+    # Trainer's evaluation itself moves the random state, so the reference evaluates too, without averaging.)
+    every_epoch = dict(eval_strategy="epoch", save_strategy="epoch")
+    torch.manual_seed(0)
+    reference = _trainer(tmp_path / "reference", ham_dir_ro, tiny_backbone,
+                         train.RecipeArguments(freeze_backbone_epochs=0), **every_epoch)
+    reference_steps = RecordTrained()
+    reference.add_callback(reference_steps)
+    reference.train()
+    checked, steps = _averaging_trainer(tmp_path, ham_dir_ro, tiny_backbone, "checked", **every_epoch)
+    checked.train()
+    assert len(steps.steps) == len(reference_steps.steps) == len(plain_steps.steps)
+    for a, b in zip(steps.steps, reference_steps.steps):
+        assert_same(a, b, rtol=0, atol=0)
+    final = weights(checked)
+    assert_same(final, expected_average(steps.steps, 0.9), rtol=1e-5, atol=1e-6)
+    first = sorted((tmp_path / "checked" / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    n = int(first.name.split("-")[1])
+    saved = {f"timm_model.{k}": v for k, v in load_file(str(first / "model.safetensors")).items()}  # timm's names
+    assert_same(saved, expected_average(steps.steps[:n], 0.9), rtol=1e-5, atol=1e-6)
+    assert_same(load_file(str(first / train.TRAINED_WEIGHTS)), steps.steps[n - 1], rtol=0, atol=0)
+
+    # Resuming from that checkpoint goes on from its trained weights and its average: it ends where the run did.
+    resumed, _ = _averaging_trainer(tmp_path, ham_dir_ro, tiny_backbone, "resumed", **every_epoch)
+    resumed.train(resume_from_checkpoint=str(first))
+    assert_same(weights(resumed), final, rtol=1e-5, atol=1e-6)
+
+
+def test_averaging_run_saves_the_best_checkpoint_average(tmp_path, ham_dir_ro, tiny_backbone):
+    out = tmp_path / "run"
+    assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--ema_decay", "0.5", "--calibrate", "false",
+                           "--num_train_epochs", "3", "--save_total_limit", "5")) == 0
+    best = Path(json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) != [best.name]  # others exist: the choice is real
+    assert_same(load_file(str(out / "model.safetensors")), load_file(str(best / "model.safetensors")), rtol=0, atol=0)
+    assert "| recipe.ema_decay | 0.5 |" in (out / "README.md").read_text()
+
+
+def test_ema_decay_outside_zero_one_is_refused():
+    with pytest.raises(UserError, match="--ema_decay must be in"):
+        train.RecipeArguments(ema_decay=1.0)
 
 
 # ----------------------------------------------------------------------------- evaluate
