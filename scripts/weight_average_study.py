@@ -11,7 +11,6 @@ table: epoch, then validation balanced accuracy and macro AUC of each.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -22,8 +21,6 @@ from transformers import Trainer, TrainerCallback  # noqa: E402
 
 from ham_hf import train  # noqa: E402
 from ham_hf.cli import main  # noqa: E402
-
-logger = logging.getLogger("weight_average_study")
 
 
 class ScoreTrainedToo(TrainerCallback):

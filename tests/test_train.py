@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,24 @@ def test_averaging_run_saves_the_best_checkpoint_average(tmp_path, ham_dir_ro, t
     assert sorted(p.name for p in out.glob("checkpoint-*")) != [best.name]  # others exist: the choice is real
     assert_same(load_file(str(out / "model.safetensors")), load_file(str(best / "model.safetensors")), rtol=0, atol=0)
     assert "| recipe.ema_decay | 0.5 |" in (out / "README.md").read_text()
+
+
+def test_weight_average_study_scores_the_trained_weights_beside_the_average(tmp_path, ham_dir_ro, tiny_backbone,
+                                                                             monkeypatch, capsys):
+    monkeypatch.setattr(train, "build_trainer", train.build_trainer)  # the script wraps it: undone after the test
+    out = tmp_path / "run"
+    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--ema_decay", "0.5", "--calibrate", "false")[1:]
+    monkeypatch.setattr("sys.argv", ["weight_average_study.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "weight_average_study.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    pairs = [(h["epoch"], h["eval_roc_auc_macro"]) for h in history if "eval_roc_auc_macro" in h]
+    trained = [(h["epoch"], h["trained_roc_auc_macro"]) for h in history if "trained_roc_auc_macro" in h]
+    assert [e for e, _ in pairs] == [e for e, _ in trained] == [1, 2]
+    assert pairs != trained  # two sets of weights were scored
+    table = capsys.readouterr().out
+    assert "| 1 | " in table and "| 2 | " in table and "average: bal. acc." in table
 
 
 def test_ema_decay_outside_zero_one_is_refused():
