@@ -263,9 +263,9 @@ class HamTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Train; remember which checkpoint a resumed run starts from (its trained weights, under averaging)."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.resumed_from = resume_from_checkpoint
+        latest = resume_from_checkpoint is True and Path(self.args.output_dir).is_dir()
+        # The Trainer itself resolves `True` (and refuses when there is no checkpoint): this only notes which.
+        self.resumed_from = get_last_checkpoint(self.args.output_dir) if latest else resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def start_average(self, resumed: bool = False) -> None:

@@ -309,6 +309,13 @@ def test_weight_average_study_scores_the_trained_weights_beside_the_average(tmp_
     assert "| 1 | " in table and "| 2 | " in table and "average: bal. acc." in table
 
 
+def test_averaging_run_asked_to_resume_without_a_checkpoint_still_refuses(tmp_path, ham_dir_ro, tiny_backbone):
+    trainer, _ = _averaging_trainer(tmp_path, ham_dir_ro, tiny_backbone, "empty")
+    Path(trainer.args.output_dir).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
+
+
 def test_ema_decay_outside_zero_one_is_refused():
     with pytest.raises(UserError, match="--ema_decay must be in"):
         train.RecipeArguments(ema_decay=1.0)
