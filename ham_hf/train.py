@@ -297,20 +297,22 @@ class HamTrainer(Trainer):
             self._swap_average()
         self.ema, self.average_in_model = None, False
 
-    def evaluate(self, *args, **kwargs):
-        """Evaluate; during an averaging run, the averaged weights."""
+    def _hold_average(self) -> None:
+        """During an averaging run, have the model hold the average (for evaluation and checkpoints)."""
         if self.ema is not None and not self.average_in_model:
             self._swap_average()
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluate; during an averaging run, the averaged weights."""
+        self._hold_average()
         return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         """Checkpoint; during an averaging run, the averaged weights (what validation scored and selects)."""
-        if self.ema is None:
-            return super()._save_checkpoint(model, trial)
-        if not self.average_in_model:
-            self._swap_average()
+        self._hold_average()
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and not self.args.save_only_model:  # the trained weights too, to resume exactly
+        if self.ema is not None and self.args.should_save and not self.args.save_only_model:
+            # The trained weights too, so that a resumed run goes on from them exactly.
             folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             trained = {k: v.contiguous() for k, v in self.ema.module.state_dict().items()}
             save_file(trained, str(folder / TRAINED_WEIGHTS))
