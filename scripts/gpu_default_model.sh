@@ -39,7 +39,7 @@ export PYTHONPATH=$PWD:$HOME_DIR/site${PYTHONPATH:+:$PYTHONPATH}   # ham_hf with
 # sweep's other two variations (0.752, 0.744) gave way to augmentations for images from other cameras
 # (README, "Robustness": a cool cast costs the default model 0.10 of accuracy, a blur 0.20): a colour
 # cast, and a colour cast plus defocus. Every run averages its weights (--ema_decay): on this CPU the
-# average led the trained weights along one run by 0.03 to 0.17 of validation balanced accuracy while
+# average led the trained weights along one run by 0.015 to 0.17 of validation balanced accuracy while
 # the learning rate was high (README, "Weight averaging, measured on this CPU"), and the GPU runs peaked
 # mid-schedule, where that gap is widest. Each run goes through scripts/weight_average_study.py, so the
 # trained weights are scored beside the average at every epoch (trainer_state.json): the comparison
