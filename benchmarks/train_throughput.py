@@ -48,11 +48,16 @@ class StepTimer(TrainerCallback):
                 self.end = time.perf_counter()
 
 
-def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bool, channels_last: bool) -> float:
+def bare_step_rate(model, dc, batch_size: int, steps: int, warmup: int, bf16: bool, channels_last: bool,
+                   frozen_stages: int = 0) -> float:
     """Images/s of forward + backward + AdamW on synthetic on-device tensors."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device).train().to(memory_format=fmt)
+    frozen = model_lib.stage_parameters(model, frozen_stages)
+    model_lib.set_trainable(frozen, False)
+    for layer in model_lib.norm_layers(model, frozen):
+        layer.eval()
     x = torch.randn(batch_size, 3, dc.size, dc.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 7, (batch_size,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -77,7 +82,8 @@ def pipeline_rate(a, dc, cached, bf16: bool, channels_last: bool) -> float:
         output_dir="/tmp/ham-bench", max_steps=a.steps + a.warmup, per_device_train_batch_size=a.batch_size,
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=10_000,
         disable_tqdm=True, report_to="none", bf16=bf16)
-    recipe = train.RecipeArguments(freeze_backbone_epochs=0, channels_last=channels_last)
+    recipe = train.RecipeArguments(freeze_backbone_epochs=0, channels_last=channels_last,
+                                   frozen_stages=a.frozen_stages)
     model = model_lib.load_model(a.model, a.image_size, a.random_init)
     trainer = train.build_trainer(model, train.resolve_precision(args), dc,
                                   {"train": cached}, recipe, AugmentArguments())
@@ -99,6 +105,8 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32 / bf16 (bf16 where native)")
     p.add_argument("--memory-formats", default="channels_last",
                    help="comma list of channels_last / contiguous (each measured for every precision)")
+    p.add_argument("--frozen-stages", type=int, default=0,
+                   help="as ham-hf train's --frozen_stages: the stem and the first N stages stay frozen")
     p.add_argument("--random-init", action="store_true",
                    help="build the model from --model's config.json alone (same speed, no weights needed)")
     p.add_argument("--json", default=None, help="also write the figures here")
@@ -118,6 +126,7 @@ def main() -> None:
     decode_rate = len(cached) / (time.perf_counter() - t0)
 
     figures = {"device": train.device_name(), "image_size": dc.size, "batch_size": a.batch_size,
+               "frozen_stages": a.frozen_stages,
                "threads": torch.get_num_threads(), "decode_images_per_s": round(decode_rate, 1)}
     native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else train.cpu_bf16_native()
     for prec in a.precisions.split(","):
@@ -129,7 +138,7 @@ def main() -> None:
             pipe = pipeline_rate(a, dc, cached, prec == "bf16", cl)
             fresh = model_lib.load_model(a.model, a.image_size, a.random_init)
             bare = bare_step_rate(fresh, dc, a.batch_size, a.steps, a.warmup,
-                                  prec == "bf16", cl)
+                                  prec == "bf16", cl, a.frozen_stages)
             key = prec if fmt == "channels_last" else f"{prec}_{fmt}"
             figures[key] = {"pipeline_images_per_s": round(pipe, 1), "bare_step_images_per_s": round(bare, 1),
                             "pipeline_share_of_bare": round(pipe / bare, 3)}

@@ -153,16 +153,37 @@ def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
 
 
-def set_backbone_trainable(model, trainable: bool) -> None:
-    """Freeze or unfreeze every parameter outside the head."""
-    backbone, _ = split_parameters(model)
-    for p in backbone:
+def stage_parameters(model, stages: int) -> list[nn.Parameter]:
+    """Parameters of the backbone's stem and its first `stages` stages, input side first (0: none)."""
+    if stages == 0:
+        return []
+    net = model.timm_model
+    matcher = getattr(net, "group_matcher", None)
+    if matcher is None:
+        raise ModelError(f"{type(net).__name__} does not name its stages (no timm group_matcher): "
+                         "train it with --frozen_stages 0")
+    from timm.models import group_parameters
+
+    head_ids = {id(p) for p in head(model).parameters()}
+    # timm's coarse groups run from the input: the stem, then one group per stage; the head is left out.
+    groups = [[p for p in g if id(p) not in head_ids]
+              for g in group_parameters(net, matcher(coarse=True), return_values=True).values()]
+    groups = [g for g in groups if g]
+    if not 0 <= stages < len(groups):
+        raise ModelError(f"--frozen_stages must be 0 to {len(groups) - 1} for {type(net).__name__} "
+                         f"(the stem and its {len(groups) - 1} stages; got {stages})")
+    return [p for g in groups[: stages + 1] for p in g]
+
+
+def norm_layers(model, parameters) -> list[nn.Module]:
+    """The backbone's normalisation layers whose weights are among `parameters`."""
+    ids = {id(p) for p in parameters}
+    return [m for m in model.timm_model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and getattr(m, "weight", None) is not None
+            and id(m.weight) in ids]
+
+
+def set_trainable(parameters, trainable: bool) -> None:
+    """Freeze or unfreeze `parameters`."""
+    for p in parameters:
         p.requires_grad_(trainable)
-
-
-def freeze_backbone_norms(model) -> None:
-    """Put the backbone's normalisation layers in eval mode (a frozen backbone keeps its statistics)."""
-    head_modules = set(head(model).modules())
-    for module in model.timm_model.modules():
-        if module not in head_modules and isinstance(module, nn.modules.batchnorm._NormBase):
-            module.eval()

@@ -73,6 +73,13 @@ class RecipeArguments:
     freeze_backbone_epochs: float = field(
         default=1.0, metadata={"help": "Train only the head for this many epochs, then unfreeze the backbone."}
     )
+    frozen_stages: int = field(
+        default=0,
+        metadata={"help": "Keep the backbone's stem and its first N stages frozen all through training, weights and "
+                          "normalisation statistics (the original project's frozen base layers): backward stops "
+                          "above them, so a step is faster (ResNet-50 has 4 stages; 2 freezes the stem, layer1 and "
+                          "layer2). 0 trains the whole backbone after the head-only epochs."},
+    )
     backbone_lr_multiplier: float = field(
         default=0.1, metadata={"help": "Backbone learning rate = this x the head's --learning_rate."}
     )
@@ -118,6 +125,8 @@ class RecipeArguments:
     )
 
     def __post_init__(self):
+        if self.frozen_stages < 0:
+            raise UserError(f"--frozen_stages must be >= 0 (got {self.frozen_stages}); 0 freezes nothing")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"--ema_decay must be in [0, 1) (got {self.ema_decay}); 0 turns the average off")
         if self.logit_adjustment_tau < 0:
@@ -230,7 +239,12 @@ class HamTrainer(Trainer):
         self.loss_weights = loss_weights.to(self.args.device) if loss_weights is not None else None
         # Logit adjustment: added to the logits for every decision (evaluation), never to the training loss.
         self.logit_offset = logit_offset.to(self.args.device) if logit_offset is not None else None
-        self.backbone_frozen = False
+        # Which parameters and normalisation layers stay frozen, per model (a search makes one per trial).
+        self.layout_of = None
+        self.stage_params: list = []
+        self.backbone_params: list = []
+        self.frozen_norms: dict[bool, list] = {False: [], True: []}
+        self.backbone_frozen: bool | None = None
         # --ema_decay: the average (timm's ModelEmaV3, made when training starts) and whether the model holds it
         # now; evaluation and checkpoints see the average, training steps the weights being trained.
         self.ema: ModelEmaV3 | None = None
@@ -246,13 +260,23 @@ class HamTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _sync_freeze(self) -> None:
-        """Freeze the backbone while epoch < freeze_backbone_epochs; unfreeze after (resume-safe)."""
+        """Freeze the backbone while epoch < freeze_backbone_epochs, then all but --frozen_stages (resume-safe)."""
+        net = self._unwrapped()
+        if net is not self.layout_of:
+            self.layout_of, self.backbone_frozen = net, None
+            self.stage_params = model_lib.stage_parameters(net, self.recipe.frozen_stages)
+            self.backbone_params, _ = model_lib.split_parameters(net)
+            self.frozen_norms = {False: model_lib.norm_layers(net, self.stage_params),
+                                 True: model_lib.norm_layers(net, self.backbone_params)}
         frozen = (self.state.epoch or 0.0) < self.recipe.freeze_backbone_epochs - 1e-9
         if frozen != self.backbone_frozen:
-            model_lib.set_backbone_trainable(self._unwrapped(), not frozen)
+            model_lib.set_trainable(self.backbone_params, not frozen)
+            model_lib.set_trainable(self.stage_params, False)
             self.backbone_frozen = frozen
+            stages = self.recipe.frozen_stages
             logger.info("epoch %.2f: backbone %s", self.state.epoch or 0.0,
-                        "frozen (head only)" if frozen else "trainable")
+                        "frozen (head only)" if frozen else
+                        f"trainable above its stem and first {stages} stages" if stages else "trainable")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One optimisation step, on the trained weights, after applying the freeze schedule."""
@@ -319,8 +343,9 @@ class HamTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Preprocess the uint8 batch on the device, forward, and return weighted cross-entropy."""
-        if model.training and self.backbone_frozen:
-            model_lib.freeze_backbone_norms(self._unwrapped())
+        if model.training:  # frozen layers keep their statistics too (the Trainer puts the model in train mode)
+            for layer in self.frozen_norms[bool(self.backbone_frozen)]:
+                layer.eval()
         pixel_values = self.preprocess(inputs["pixel_values"], train=model.training)
         outputs = model(pixel_values=pixel_values)
         loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], weight=self.loss_weights,
@@ -530,6 +555,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     model = model_lib.load_model(model_args.model_name_or_path, model_args.image_size)
+    model_lib.stage_parameters(model, recipe.frozen_stages)  # a bad --frozen_stages fails before the decode
     dc = model_lib.data_config(model)
     dsd, cached = load_cached_splits(data_args, split_args, dc)
     if model_lib.is_fine_tuned(model_args.model_name_or_path) and "train" in cached:

@@ -98,7 +98,6 @@ class TuneTrainer(train.HamTrainer):
             tau = self.recipe.logit_adjustment_tau
             prior = log_prior(self.train_dataset.labels)
             self.logit_offset = (-tau * prior).to(self.args.device) if tau else None
-        self.backbone_frozen = False  # a new model per trial starts unfrozen
         self.hp_space = lambda t: {k: v for k, v in space(t).items() if hasattr(self.args, k)}
         try:
             super()._hp_search_setup(trial)

@@ -156,6 +156,30 @@ def test_backbone_frozen_then_unfrozen_with_lower_lr(tmp_path, ham_dir_ro, tiny_
     assert head_lr == [pytest.approx(1e-2)] and body_lr == [pytest.approx(1e-3)], lrs
 
 
+def test_frozen_stages_keep_their_weights_and_statistics(tmp_path, ham_dir_ro, tiny_backbone):
+    recipe = train.RecipeArguments(freeze_backbone_epochs=1, frozen_stages=1)
+    trainer = _trainer(tmp_path, ham_dir_ro, tiny_backbone, recipe)
+    start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    end = trainer.model.state_dict()
+    frozen = [k for k in start if k.startswith(("timm_model.conv1.", "timm_model.bn1.", "timm_model.layer1."))]
+    rest = [k for k in start if k.startswith(("timm_model.layer2.", "timm_model.layer4."))]
+    assert frozen and rest
+    assert all(torch.equal(start[k], end[k]) for k in frozen), "stem and stage 1: weights and BN statistics as loaded"
+    assert all(not torch.equal(start[k], end[k]) for k in rest if k.endswith(("weight", "running_mean")))
+    net = trainer.model.timm_model
+    assert not net.layer1[0].conv1.weight.requires_grad and net.layer2[0].conv1.weight.requires_grad
+
+
+def test_frozen_stages_out_of_range_are_refused_before_the_decode(tmp_path, ham_dir_ro, tiny_backbone, caplog):
+    with pytest.raises(UserError, match="--frozen_stages must be >= 0"):
+        train.RecipeArguments(frozen_stages=-1)
+    caplog.set_level("INFO")
+    assert main(train_argv(ham_dir_ro, tiny_backbone, tmp_path / "o", "--frozen_stages", "5")) == 2
+    assert "--frozen_stages must be 0 to 4 for ResNet (the stem and its 4 stages; got 5)" in caplog.text
+    assert "decoded" not in caplog.text
+
+
 def test_balanced_sampling_draws_rare_classes_often(tmp_path, ham_dir_ro, tiny_backbone):
     trainer = _trainer(tmp_path, ham_dir_ro, tiny_backbone, train.RecipeArguments(balanced_sampling=True))
     sampler = trainer._get_train_sampler()
