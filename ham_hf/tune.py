@@ -108,6 +108,7 @@ class TuneTrainer(train.HamTrainer):
 def estimate_trial_seconds(trainer: TuneTrainer, probe_steps: int = 2) -> float:
     """Time a few training steps of a fresh model and scale to one trial (training + evaluations)."""
     model = trainer.model_init().to(trainer.args.device).train()
+    model_lib.set_trainable(model_lib.stage_parameters(model, trainer.recipe.frozen_stages), False)  # as trained
     pre, batch = trainer.preprocess, trainer.args.per_device_train_batch_size
     data = trainer.train_dataset
     idx = torch.arange(min(batch, len(data)))
