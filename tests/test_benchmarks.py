@@ -1,0 +1,28 @@
+"""The training-throughput benchmark runs end to end on a tiny model and reports what the README quotes."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_train_throughput_reports_pipeline_and_bare_step_with_frozen_stages(tmp_path, ham_dir_ro, tiny_backbone,
+                                                                           monkeypatch):
+    out = tmp_path / "figures.json"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its neighbour `common`
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--data", str(ham_dir_ro), "--model", str(tiny_backbone),
+                                      "--batch-size", "4", "--steps", "1", "--warmup", "1", "--precisions", "fp32",
+                                      "--frozen-stages", "1", "--json", str(out)])
+    runpy.run_path(str(BENCHMARKS / "train_throughput.py"), run_name="__main__")
+    figures = json.loads(out.read_text())
+    assert figures["frozen_stages"] == 1 and figures["image_size"] == 40
+    fp32 = figures["fp32"]
+    assert fp32["pipeline_images_per_s"] > 0 and fp32["bare_step_images_per_s"] > 0
+    assert fp32["pipeline_share_of_bare"] == pytest.approx(
+        fp32["pipeline_images_per_s"] / fp32["bare_step_images_per_s"], abs=0.01)
