@@ -124,7 +124,29 @@ class RecipeArguments:
                           "averages over a horizon that fits it."},
     )
 
+    distill_from: list[str] | None = field(
+        default=None,
+        metadata={"help": "Knowledge distillation (Hinton et al., 2015): fine-tuned HAM10000 model folders (trained "
+                          "on this split) whose averaged predictions on the same augmented batch are soft targets "
+                          "beside the labels, e.g. an ensemble of two runs distilled into one model that "
+                          "pipeline(...) loads. Teachers answer from their bare logits (their temperature and logit "
+                          "adjustment unfolded), at the student's data config."},
+    )
+    distill_alpha: float = field(
+        default=0.5,
+        metadata={"help": "With --distill_from: loss = (1 - alpha) x cross-entropy + alpha x distillation."},
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "With --distill_from: softmax temperature of teachers and student in the "
+                                       "distillation term (scaled by its square, as in the paper)."}
+    )
+
     def __post_init__(self):
+        if not 0 < self.distill_alpha <= 1:
+            raise UserError(f"--distill_alpha must be in (0, 1] (got {self.distill_alpha}); drop --distill_from "
+                            "to train on the labels alone")
+        if self.distill_temperature <= 0:
+            raise UserError(f"--distill_temperature must be > 0 (got {self.distill_temperature})")
         if self.frozen_stages < 0:
             raise UserError(f"--frozen_stages must be >= 0 (got {self.frozen_stages}); 0 freezes nothing")
         if not 0 <= self.ema_decay < 1:
@@ -228,12 +250,37 @@ class WeightAverage(TrainerCallback):
         self.trainer.end_average(keep_model=best_loaded)
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions, times T^2 so its gradients keep their scale."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True,
+                  reduction="batchmean")
+    return kl * t * t
+
+
+class Teachers(torch.nn.Module):
+    """Frozen fine-tuned models; their answer is the mean of their log-probabilities (a geometric ensemble)."""
+
+    def __init__(self, models: list):
+        super().__init__()
+        # Never put in train mode: the Trainer only ever switches its own model.
+        self.models = torch.nn.ModuleList(models).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Ensemble logits (mean log-softmax) for a preprocessed batch."""
+        logps = [F.log_softmax(m(pixel_values=pixel_values).logits.float(), dim=-1) for m in self.models]
+        return torch.stack(logps).mean(0)
+
+
 class HamTrainer(Trainer):
     """Trainer with on-device preprocessing, weighted cross-entropy, head/backbone learning rates and freezing."""
 
     def __init__(self, *args, preprocess: Preprocess, recipe: RecipeArguments | None = None,
-                 loss_weights: torch.Tensor | None = None, logit_offset: torch.Tensor | None = None, **kwargs):
+                 loss_weights: torch.Tensor | None = None, logit_offset: torch.Tensor | None = None,
+                 teachers: Teachers | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.teachers = teachers.to(self.args.device) if teachers is not None else None
         self.preprocess = preprocess.to(self.args.device)
         self.recipe = recipe or RecipeArguments(freeze_backbone_epochs=0)
         self.loss_weights = loss_weights.to(self.args.device) if loss_weights is not None else None
@@ -350,6 +397,12 @@ class HamTrainer(Trainer):
         outputs = model(pixel_values=pixel_values)
         loss = F.cross_entropy(outputs.logits.float(), inputs["labels"], weight=self.loss_weights,
                                label_smoothing=self.recipe.label_smoothing)
+        if self.teachers is not None and model.training:  # evaluation scores the labels alone
+            alpha = self.recipe.distill_alpha
+            with self.accelerator.autocast():  # Accelerate casts only the prepared model's forward itself
+                target = self.teachers(pixel_values)
+            soft = distillation_loss(outputs.logits.float(), target, self.recipe.distill_temperature)
+            loss = (1 - alpha) * loss + alpha * soft
         if return_outputs and self.logit_offset is not None:
             outputs.logits = outputs.logits.float() + self.logit_offset
         return (loss, outputs) if return_outputs else loss
@@ -431,6 +484,38 @@ def resolve_precision(args: HamTrainingArguments) -> HamTrainingArguments:
     return args
 
 
+def check_unseen(path: Path, dsd) -> None:
+    """Refuse a fine-tuned model whose training split holds images this run validates or tests on."""
+    if (path / data.SPLIT_FILE).is_file():
+        seen = data.read_split_file(path / data.SPLIT_FILE, "train")
+        held_out = {i for name in ("validation", "test") if name in dsd for i in dsd[name]["image_id"]}
+        if seen & held_out:
+            raise DataError(f"{len(seen & held_out)} images this run validates or tests on were in the training split "
+                            f"of {path}: use the split it was trained with (--split_seed, fractions)")
+
+
+def load_teachers(paths: list[str], dc: model_lib.DataConfig, dsd, cached: dict[str, CachedImages]) -> Teachers:
+    """Load --distill_from: fine-tuned local folders on this run's split and data config, heads unfolded."""
+    models = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_dir() or not model_lib.is_fine_tuned(name):
+            raise UserError(f"--distill_from {name}: not a fine-tuned HAM10000 model folder (config.json naming the 7 "
+                            "classes, model.safetensors, all_results.json); download a Hub model first "
+                            "(huggingface-cli download REPO --local-dir DIR)")
+        check_unseen(path, dsd)
+        teacher = model_lib.load_model(name)
+        if model_lib.data_config(teacher) != dc:
+            raise UserError(f"--distill_from {name}: preprocesses as {model_lib.data_config(teacher)}, the student "
+                            f"as {dc}; pass --image_size {model_lib.data_config(teacher).size} or distil from a "
+                            "teacher at the student's resolution")
+        undone = unfold_head(teacher, path, log_prior(cached["train"].labels))
+        logger.info("teacher %s (temperature %.3f, tau %g unfolded)", name, undone["temperature"],
+                    undone["logit_adjustment_tau"])
+        models.append(teacher.to(memory_format=torch.channels_last))
+    return Teachers(models)
+
+
 def continue_from(model, name_or_path: str, dsd, cached: dict[str, CachedImages]) -> None:
     """Training from a fine-tuned HAM10000 model: refuse a split that tests on its training images, unfold its head.
 
@@ -443,12 +528,7 @@ def continue_from(model, name_or_path: str, dsd, cached: dict[str, CachedImages]
                        "here): download the folder first (huggingface-cli download) to continue from its bare logits",
                        name_or_path)
         return
-    if (path / data.SPLIT_FILE).is_file():
-        seen = data.read_split_file(path / data.SPLIT_FILE, "train")
-        held_out = {i for name in ("validation", "test") if name in dsd for i in dsd[name]["image_id"]}
-        if seen & held_out:
-            raise DataError(f"{len(seen & held_out)} images this run validates or tests on were in the training split "
-                            f"of {name_or_path}: continue with the split it was trained with (--split_seed, fractions)")
+    check_unseen(path, dsd)
     undone = unfold_head(model, path, log_prior(cached["train"].labels))
     logger.info("continuing from the fine-tuned %s: head unfolded (temperature %.3f, tau %g undone)", name_or_path,
                 undone["temperature"], undone["logit_adjustment_tau"])
@@ -489,7 +569,8 @@ def load_cached_splits(data_args: DataArguments, split_args: data.SplitArguments
     return dsd, cached
 
 
-def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augment) -> HamTrainer:
+def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augment,
+                  teachers: Teachers | None = None) -> HamTrainer:
     """Assemble the HamTrainer for a model and decoded splits."""
     if recipe.channels_last:  # faster on GPUs and on oneDNN CPUs alike (benchmarks/train_throughput.py)
         model = model.to(memory_format=torch.channels_last)
@@ -511,7 +592,7 @@ def build_trainer(model, args, dc, cached: dict[str, CachedImages], recipe, augm
     return HamTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=cached.get("validation"),
         compute_metrics=metrics.compute_metrics, preprocess=Preprocess(dc, augment), recipe=recipe,
-        loss_weights=weights, logit_offset=offset,
+        loss_weights=weights, logit_offset=offset, teachers=teachers,
     )
 
 
@@ -560,7 +641,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     dsd, cached = load_cached_splits(data_args, split_args, dc)
     if model_lib.is_fine_tuned(model_args.model_name_or_path) and "train" in cached:
         continue_from(model, model_args.model_name_or_path, dsd, cached)
-    trainer = build_trainer(model, args, dc, cached, recipe, augment)
+    teachers = load_teachers(recipe.distill_from, dc, dsd, cached) if recipe.distill_from else None
+    trainer = build_trainer(model, args, dc, cached, recipe, augment, teachers)
     if trainer.is_world_process_zero():  # under accelerate launch, one process writes the files
         output_dir.mkdir(parents=True, exist_ok=True)
         data.write_split_file(dsd, output_dir / data.SPLIT_FILE)

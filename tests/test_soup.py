@@ -1,5 +1,5 @@
 """Fine-tuned models as starting points: soups (unfolded heads averaged, the greedy choice on validation,
-what cannot be averaged) and training on from a fine-tuned model."""
+what cannot be averaged), training on from a fine-tuned model, and distillation from fine-tuned teachers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import shutil
 import pytest
 import torch
 
-from ham_hf import calibration, data, hub, soup
+from ham_hf import calibration, data, hub, soup, train
+from ham_hf import model as model_lib
 from ham_hf.cli import main
+from ham_hf.errors import UserError
+from ham_hf.transforms import AugmentArguments
 
 from conftest import train_argv
 
@@ -162,3 +165,81 @@ def test_training_on_refuses_a_split_that_tests_on_the_model_s_training_images(t
                                                                                adjusted_tiny_model, caplog):
     argv = train_argv(ham_dir_ro, adjusted_tiny_model, tmp_path / "o", "--split_seed", "7")
     assert main(argv) == 2 and "were in the training split of" in caplog.text and "--split_seed" in caplog.text
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_is_zero_on_agreement_and_pulls_the_student_to_the_teacher():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    assert train.distillation_loss(teacher + 3.0, teacher, 2.0).abs() < 1e-6  # a shift of the logits is no change
+    student = torch.zeros_like(teacher, requires_grad=True)
+    loss = train.distillation_loss(student, teacher, 2.0)
+    loss.backward()
+    assert loss > 0 and torch.equal(student.grad.argmin(1), teacher.argmax(1))  # descent raises the teacher's class
+    # T^2 scaling: at a high temperature the gradient keeps the scale of T = 1 (about (p - q) / T x T^2).
+    hot = torch.zeros_like(teacher, requires_grad=True)
+    train.distillation_loss(hot, teacher * 8, 8.0).backward()
+    assert hot.grad.abs().sum() > 0.5 * student.grad.abs().sum()
+
+
+def test_teachers_answer_the_mean_of_their_log_probabilities(adjusted_tiny_model):
+    model = model_lib.load_model(str(adjusted_tiny_model))
+    teachers = train.Teachers([model, model_lib.load_model(str(adjusted_tiny_model))])
+    x = torch.randn(3, 3, 40, 40)
+    alone = torch.log_softmax(model.eval()(pixel_values=x).logits, -1)
+    assert torch.allclose(teachers(x), alone, atol=1e-5)
+    assert not any(p.requires_grad for p in teachers.parameters()) and not teachers.models[0].training
+
+
+def test_distilled_training_mixes_the_labels_with_the_teachers(tmp_path, ham_dir_ro, tiny_backbone,
+                                                              adjusted_tiny_model):
+    out = tmp_path / "student"
+    argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--distill_from",
+                      str(adjusted_tiny_model), "--distill_alpha", "0.75", "--distill_temperature", "3",
+                      "--calibrate", "false", "--num_train_epochs", "1")
+    assert main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "distill_from" in card and str(adjusted_tiny_model) in card
+    # The training loss of one batch is (1 - alpha) CE + alpha KD against the unfolded teacher.
+    recipe = train.RecipeArguments(distill_from=[str(adjusted_tiny_model)], distill_alpha=0.75,
+                                   distill_temperature=3.0, class_weighting="none")
+    model = model_lib.load_model(str(tiny_backbone))
+    dc = model_lib.data_config(model)
+    dsd, cached = train.load_cached_splits(train.DataArguments(data=str(ham_dir_ro)), data.SplitArguments(), dc)
+    teachers = train.load_teachers(recipe.distill_from, dc, dsd, cached)
+    args = train.HamTrainingArguments(output_dir=str(tmp_path / "t"), bf16=False, report_to="none")
+    trainer = train.build_trainer(model, args, dc, cached, recipe, AugmentArguments(), teachers)
+    pixels = trainer.preprocess(cached["train"][0]["pixel_values"][None].repeat(4, 1, 1, 1), train=False)
+    labels = cached["train"].labels[:4]
+    trainer.preprocess = lambda images, train=False: pixels  # the same pixels reach student and teachers
+    trainer.model.train()
+    logits = trainer.model(pixel_values=pixels).logits
+    expected = (0.25 * torch.nn.functional.cross_entropy(logits, labels)
+                + 0.75 * train.distillation_loss(logits, teachers(pixels), 3.0))
+    loss = trainer.compute_loss(trainer.model, {"pixel_values": None, "labels": labels})
+    assert torch.allclose(loss, expected, atol=1e-5)
+    trainer.model.eval()  # evaluation scores the labels alone
+    plain = torch.nn.functional.cross_entropy(trainer.model(pixel_values=pixels).logits, labels)
+    assert torch.allclose(trainer.compute_loss(trainer.model, {"pixel_values": None, "labels": labels}), plain)
+    # The teacher's unfolded logits are its bare ones: tau 0.5 and its temperature undone.
+    unfolded = soup.unfolded_state(adjusted_tiny_model, _prior(ham_dir_ro))
+    head = teachers.models[0].timm_model.fc
+    assert torch.allclose(head.bias, unfolded["timm_model.fc.bias"], atol=1e-5)
+
+
+def test_distillation_refuses_bad_teachers_and_settings(tmp_path, ham_dir_ro, tiny_backbone, adjusted_tiny_model,
+                                                        caplog):
+    def run(*extra):
+        return main(train_argv(ham_dir_ro, tiny_backbone, tmp_path / "o", "--num_train_epochs", "1", *extra))
+
+    assert run("--distill_from", str(tmp_path / "missing")) == 2 and "not a fine-tuned HAM10000 model" in caplog.text
+    assert run("--distill_from", str(tiny_backbone)) == 2
+    assert run("--distill_from", str(adjusted_tiny_model), "--image_size", "48") == 2
+    assert "--image_size 40" in caplog.text
+    assert run("--distill_from", str(adjusted_tiny_model), "--split_seed", "7") == 2
+    assert "were in the training split of" in caplog.text
+    with pytest.raises(UserError, match="--distill_alpha must be in"):
+        train.RecipeArguments(distill_alpha=0)
+    with pytest.raises(UserError, match="--distill_temperature must be > 0"):
+        train.RecipeArguments(distill_temperature=0)
