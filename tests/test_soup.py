@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,31 @@ def test_distillation_refuses_bad_teachers_and_settings(tmp_path, ham_dir_ro, ti
         train.RecipeArguments(distill_alpha=0)
     with pytest.raises(UserError, match="--distill_temperature must be > 0"):
         train.RecipeArguments(distill_temperature=0)
+
+
+def _ensemble_script():
+    """scripts/ensemble_study.py as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_study.py"
+    spec = importlib.util.spec_from_file_location("ensemble_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ensemble_study_scores_the_geometric_mean_of_saved_answers(tmp_path, tiny_model, adjusted_tiny_model):
+    script = _ensemble_script()
+    alone, _, pair = script.main(["--models", str(tiny_model), str(tiny_model)])
+    assert {k: v for k, v in pair.items() if k != "model"} == {k: v for k, v in alone.items() if k != "model"}
+    a, b = (script.read_predictions(p, "validation") for p in (tiny_model, adjusted_tiny_model))
+    probs, labels = script.ensemble([a, b])
+    columns = [f"prob_{c}" for c in script.CLASS_CODES]
+    by_hand = np.sqrt(a[columns].to_numpy() * b[columns].to_numpy())
+    assert np.allclose(probs, by_hand / by_hand.sum(1, keepdims=True), atol=1e-6)
+    assert np.array_equal(labels, a["label"].map(script.CLASS_CODES.index).to_numpy())
+    with pytest.raises(script.ModelError, match="scored different images"):
+        script.ensemble([a, b.iloc[1:]])
+    with pytest.raises(script.ModelError, match="ham-hf evaluate --model"):
+        script.read_predictions(tmp_path, "validation")
