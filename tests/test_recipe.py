@@ -15,7 +15,7 @@ from ham_hf import calibration, metrics, train
 from ham_hf.cli import main
 from ham_hf.errors import UserError
 
-from conftest import train_argv
+from conftest import load_script, train_argv
 
 NATIVE_CPU_BF16 = train.cpu_bf16_native() and not torch.cuda.is_available()
 
@@ -118,20 +118,9 @@ def test_choose_tau_takes_the_best_balanced_accuracy_among_the_calibrated_taus(c
     assert "choosing by balanced accuracy alone" in caplog.text
 
 
-def _tau_tradeoff_script():
-    """scripts/tau_tradeoff.py as a module (scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tau_tradeoff.py"
-    spec = importlib.util.spec_from_file_location("tau_tradeoff", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
-    script = _tau_tradeoff_script()
+    script = load_script("tau_tradeoff")
     raw, labels, prior = _prior_biased_logits(seed=0)
     folded = (raw - 0.75 * prior) / 0.4  # what training (tau 0.75) and calibration (T 0.4) leave in the head
     unfolded = script.raw_logits(folded, {"logit_adjustment_tau": 0.75, "temperature": 0.4}, prior)

@@ -17,7 +17,7 @@ from ham_hf.cli import main
 from ham_hf.errors import UserError
 from ham_hf.transforms import AugmentArguments
 
-from conftest import train_argv
+from conftest import load_script, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -246,20 +246,9 @@ def test_distillation_refuses_bad_teachers_and_settings(tmp_path, ham_dir_ro, ti
         train.RecipeArguments(distill_temperature=0)
 
 
-def _ensemble_script():
-    """scripts/ensemble_study.py as a module (scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "ensemble_study.py"
-    spec = importlib.util.spec_from_file_location("ensemble_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_ensemble_study_scores_the_geometric_mean_of_saved_answers(tmp_path, tiny_model, adjusted_tiny_model):
-    script = _ensemble_script()
+    script = load_script("ensemble_study")
     alone, _, pair = script.main(["--models", str(tiny_model), str(tiny_model)])
     assert {k: v for k, v in pair.items() if k != "model"} == {k: v for k, v in alone.items() if k != "model"}
     a, b = (script.read_predictions(p, "validation") for p in (tiny_model, adjusted_tiny_model))
