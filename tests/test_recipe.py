@@ -118,7 +118,6 @@ def test_choose_tau_takes_the_best_balanced_accuracy_among_the_calibrated_taus(c
     assert "choosing by balanced accuracy alone" in caplog.text
 
 
-
 def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
     script = load_script("tau_tradeoff")
     raw, labels, prior = _prior_biased_logits(seed=0)

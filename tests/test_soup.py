@@ -246,7 +246,6 @@ def test_distillation_refuses_bad_teachers_and_settings(tmp_path, ham_dir_ro, ti
         train.RecipeArguments(distill_temperature=0)
 
 
-
 def test_ensemble_study_scores_the_geometric_mean_of_saved_answers(tmp_path, tiny_model, adjusted_tiny_model):
     script = load_script("ensemble_study")
     alone, _, pair = script.main(["--models", str(tiny_model), str(tiny_model)])
