@@ -505,10 +505,10 @@ def load_teachers(paths: list[str], dc: model_lib.DataConfig, dsd, cached: dict[
                             "(huggingface-cli download REPO --local-dir DIR)")
         check_unseen(path, dsd)
         teacher = model_lib.load_model(name)
-        if model_lib.data_config(teacher) != dc:
-            raise UserError(f"--distill_from {name}: preprocesses as {model_lib.data_config(teacher)}, the student "
-                            f"as {dc}; pass --image_size {model_lib.data_config(teacher).size} or distil from a "
-                            "teacher at the student's resolution")
+        teacher_dc = model_lib.data_config(teacher)
+        if teacher_dc != dc:
+            raise UserError(f"--distill_from {name}: preprocesses as {teacher_dc}, the student as {dc}; pass "
+                            f"--image_size {teacher_dc.size} or distil from a teacher at the student's resolution")
         undone = unfold_head(teacher, path, log_prior(cached["train"].labels))
         logger.info("teacher %s (temperature %.3f, tau %g unfolded)", name, undone["temperature"],
                     undone["logit_adjustment_tau"])
