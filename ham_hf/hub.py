@@ -92,8 +92,54 @@ def test_eval_results(test: dict | None, dataset_id: str) -> list:
     ]
 
 
+LINEAGE_HEADER = "Lineage (read from the cards of the fine-tuned folders it started from or learned from):"
+
+
+def card_base_model(folder: str | Path) -> str:
+    """The base model a model folder's card names (the first `name` after "Base model:"), or "unknown"."""
+    import re
+
+    card = Path(folder) / "README.md"
+    found = re.search(r"Base model: [^`\n]*`([^`]+)`", card.read_text()) if card.is_file() else None
+    return found.group(1) if found else "unknown"
+
+
+def _card_facts(folder: Path) -> tuple[str, str, str, list[str]] | None:
+    """A local model folder's base model, device, training command and own lineage lines, read from its card."""
+    import re
+
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text()
+    command = re.search(r"## Training\n\n```bash\n(.*?)\n```", text, re.S)
+    if command is None:  # not a card this project wrote (an ImageNet backbone's, say): nothing to trace
+        return None
+    device = re.search(r"^\| device \| (.+?) \|$", text, re.M)
+    own = text.partition(LINEAGE_HEADER + "\n\n")[2].split("\n\n", 1)[0] if LINEAGE_HEADER in text else ""
+    return (card_base_model(folder), device.group(1) if device else "unknown device",
+            command.group(1).strip(), [ln for ln in own.splitlines() if ln])
+
+
+def lineage(start: str, teachers: list[str] | tuple[str, ...] = ()) -> str:
+    """Markdown bullets naming the fine-tuned folders a run started from or learned from, with how each was made.
+
+    A model trained on from another fine-tuned model (or distilled from some) is only reproducible with
+    theirs: each bullet carries that folder's base model, device and command, and its own lineage, nested.
+    """
+    lines = []
+    for role, name in [("started from", start), *(("taught by", t) for t in teachers)]:
+        facts = _card_facts(Path(name)) if name and Path(name).is_dir() else None
+        if facts is None:
+            continue
+        base, device, command, own = facts
+        lines.append(f"- {role} `{name}` (base model `{base}`, {device}): `{command}`")
+        lines += [f"  {ln}" for ln in own]
+    return f"{LINEAGE_HEADER}\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def model_card(results: dict[str, dict], base_model: str, dataset: str, split_description: str,
-               training: dict, command: str | None = None):
+               training: dict, command: str | None = None, lineage: str = ""):
     """Build the model card (Hub metadata with model-index from the test metrics) for a trained model."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -120,7 +166,7 @@ def model_card(results: dict[str, dict], base_model: str, dataset: str, split_de
     classes = "\n".join(f"| {i} | {c} | {LONG_NAMES[c]} |" for i, c in enumerate(CLASS_CODES))
     return ModelCard.from_template(
         data, template_path=str(TEMPLATES / "model_card.md"), base_model=base_model, classes=classes, source=SOURCE,
-        split_description=split_description, command=command, hyper=hyper, citation=CITATION,
+        split_description=split_description, command=command, lineage=lineage, hyper=hyper, citation=CITATION,
         validation_table=metric_table("validation"), test_table=metric_table("test"))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import shlex
 import shutil
 import tempfile
@@ -170,9 +169,7 @@ def write_card(output: Path, args: SoupArguments, split_args: data.SplitArgument
     training = {"method": "greedy soup" if args.greedy else "uniform soup", "ingredients": ", ".join(kept),
                 "offered": ", ".join(args.models), "recipes": "each ingredient's own model card (README.md)",
                 "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)"}
-    card = Path(args.models[0]) / "README.md"  # the backbone, as the first ingredient's card names it
-    found = re.search(r"Base model: `([^`]+)`", card.read_text()) if card.is_file() else None
-    base = found.group(1) if found else "unknown"
+    base = hub.card_base_model(args.models[0])  # the backbone, as the first ingredient's card names it
     hub.model_card(final, base_model=base, dataset=args.data, split_description=split_args.describe(),
                    training=training, command=command).save(output / "README.md")
     results = json.loads((output / "all_results.json").read_text())

@@ -160,6 +160,34 @@ def test_training_continues_from_the_bare_logits_of_a_fine_tuned_model(tmp_path,
     prior = _prior(ham_dir_ro)
     before, after = soup.unfolded_state(adjusted_tiny_model, prior), soup.unfolded_state(out, prior)
     assert all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items() if v.is_floating_point())
+    # Its card traces it back: the folder it started from, with that folder's base model and command.
+    card = (out / "README.md").read_text()
+    start = (adjusted_tiny_model / "README.md").read_text()
+    command = start.split("## Training\n\n```bash\n")[1].split("\n```")[0]
+    assert f"- started from `{adjusted_tiny_model}`" in card and f"`{command}`" in card
+
+
+def test_lineage_nests_each_ancestor_s_own_lineage(tmp_path, adjusted_tiny_model):
+    grand, parent = tmp_path / "grand", tmp_path / "parent"
+    results = {"validation": None, "test": None}
+    for folder, base, cmd, device in ((grand, "imagenet", "ham-hf train --first", "NVIDIA H200"),
+                                      (parent, str(grand), "ham-hf train --second", "CPU (2 threads)")):
+        folder.mkdir()
+        hub.model_card(results, base_model=base, dataset="ham10000", split_description="", training={"device": device},
+                       command=cmd, lineage=hub.lineage(base)).save(folder / "README.md")
+    text = hub.lineage(str(parent), [str(adjusted_tiny_model)])
+    lines = text.splitlines()
+    assert lines[0] == hub.LINEAGE_HEADER
+    assert lines[2] == f"- started from `{parent}` (base model `{grand}`, CPU (2 threads)): `ham-hf train --second`"
+    assert lines[3] == f"  - started from `{grand}` (base model `imagenet`, NVIDIA H200): `ham-hf train --first`"
+    assert lines[4].startswith(f"- taught by `{adjusted_tiny_model}`")
+    # A bare backbone (no card this project wrote) or a Hub id leaves no trace to follow.
+    (tmp_path / "backbone").mkdir()
+    (tmp_path / "backbone" / "README.md").write_text("# ResNet-50\n\nImageNet weights.\n")
+    assert hub.lineage(str(tmp_path / "backbone")) == hub.lineage("timm/resnet50.a1_in1k") == ""
+    # A hand-written base-model line is still read: the first quoted name after "Base model:".
+    (tmp_path / "backbone" / "README.md").write_text("Base model: the ImageNet ResNet-50 of `../w` (Keras).\n")
+    assert hub.card_base_model(tmp_path / "backbone") == "../w" and hub.card_base_model(tmp_path) == "unknown"
 
 
 def test_training_on_refuses_a_split_that_tests_on_the_model_s_training_images(tmp_path, ham_dir_ro,
@@ -201,7 +229,7 @@ def test_distilled_training_mixes_the_labels_with_the_teachers(tmp_path, ham_dir
                       "--calibrate", "false", "--num_train_epochs", "1")
     assert main(argv) == 0
     card = (out / "README.md").read_text()
-    assert "distill_from" in card and str(adjusted_tiny_model) in card
+    assert "distill_from" in card and f"- taught by `{adjusted_tiny_model}`" in card
     # The training loss of one batch is (1 - alpha) CE + alpha KD against the unfolded teacher.
     recipe = train.RecipeArguments(distill_from=[str(adjusted_tiny_model)], distill_alpha=0.75,
                                    distill_temperature=3.0, class_weighting="none")
