@@ -92,7 +92,7 @@ def test_eval_results(test: dict | None, dataset_id: str) -> list:
     ]
 
 
-LINEAGE_HEADER = "Lineage (read from the cards of the fine-tuned folders it started from or learned from):"
+LINEAGE_HEADER = "Lineage (read from the cards of the fine-tuned folders it came from):"
 
 
 def card_base_model(folder: str | Path) -> str:
@@ -121,14 +121,15 @@ def _card_facts(folder: Path) -> tuple[str, str, str, list[str]] | None:
             command.group(1).strip(), [ln for ln in own.splitlines() if ln])
 
 
-def lineage(start: str, teachers: list[str] | tuple[str, ...] = ()) -> str:
-    """Markdown bullets naming the fine-tuned folders a run started from or learned from, with how each was made.
+def lineage(sources: list[tuple[str, str]]) -> str:
+    """Markdown bullets naming the fine-tuned folders a model came from, as (role, folder), with how each was made.
 
-    A model trained on from another fine-tuned model (or distilled from some) is only reproducible with
-    theirs: each bullet carries that folder's base model, device and command, and its own lineage, nested.
+    A model trained on from another fine-tuned model (distilled from some, or averaged from several) is
+    only reproducible with theirs: each bullet carries that folder's base model, device and command,
+    and its own lineage, nested. Folders this project did not write (a bare backbone, a Hub id) are left out.
     """
     lines = []
-    for role, name in [("started from", start), *(("taught by", t) for t in teachers)]:
+    for role, name in sources:
         facts = _card_facts(Path(name)) if name and Path(name).is_dir() else None
         if facts is None:
             continue

@@ -171,7 +171,8 @@ def write_card(output: Path, args: SoupArguments, split_args: data.SplitArgument
                 "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)"}
     base = hub.card_base_model(args.models[0])  # the backbone, as the first ingredient's card names it
     hub.model_card(final, base_model=base, dataset=args.data, split_description=split_args.describe(),
-                   training=training, command=command).save(output / "README.md")
+                   training=training, command=command,
+                   lineage=hub.lineage([("averaged", m) for m in kept])).save(output / "README.md")
     results = json.loads((output / "all_results.json").read_text())
     hub.add_trust_section(output / "README.md", results, final)
 

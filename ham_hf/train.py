@@ -673,7 +673,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     card = hub.model_card(
         final, base_model=model_args.model_name_or_path, dataset=data_args.data,
         split_description=split_args.describe(), training=training_summary(args, recipe, augment, dc, trainer),
-        command=command, lineage=hub.lineage(model_args.model_name_or_path, recipe.distill_from or ()),
+        command=command, lineage=hub.lineage(
+            [("started from", model_args.model_name_or_path), *(("taught by", t) for t in recipe.distill_from or ())]),
     )
     card.save(output_dir / "README.md")
     if "temperature" in results:

@@ -76,6 +76,8 @@ def test_soup_averages_the_unfolded_heads_and_refolds_its_own(tmp_path, ham_dir_
                  "--greedy", "false", "--logit_adjustment_max_ece", "1"]) == 0
     results = json.loads((out / "all_results.json").read_text())
     assert results["soup_ingredients"] and results["soup_greedy"] is False
+    card = (out / "README.md").read_text()
+    assert all(f"- averaged `{p}` (base model `" in card for p in ingredients)  # how each ingredient was made
     assert results["logit_adjustment_tau"] in calibration.TAU_GRID and results["temperature"] > 0
     # Unfolded by its own record, the soup is exactly the average of the unfolded ingredients.
     got = soup.unfolded_state(out, prior)
@@ -174,8 +176,8 @@ def test_lineage_nests_each_ancestor_s_own_lineage(tmp_path, adjusted_tiny_model
                                       (parent, str(grand), "ham-hf train --second", "CPU (2 threads)")):
         folder.mkdir()
         hub.model_card(results, base_model=base, dataset="ham10000", split_description="", training={"device": device},
-                       command=cmd, lineage=hub.lineage(base)).save(folder / "README.md")
-    text = hub.lineage(str(parent), [str(adjusted_tiny_model)])
+                       command=cmd, lineage=hub.lineage([("started from", base)])).save(folder / "README.md")
+    text = hub.lineage([("started from", str(parent)), ("taught by", str(adjusted_tiny_model))])
     lines = text.splitlines()
     assert lines[0] == hub.LINEAGE_HEADER
     assert lines[2] == f"- started from `{parent}` (base model `{grand}`, CPU (2 threads)): `ham-hf train --second`"
@@ -184,7 +186,7 @@ def test_lineage_nests_each_ancestor_s_own_lineage(tmp_path, adjusted_tiny_model
     # A bare backbone (no card this project wrote) or a Hub id leaves no trace to follow.
     (tmp_path / "backbone").mkdir()
     (tmp_path / "backbone" / "README.md").write_text("# ResNet-50\n\nImageNet weights.\n")
-    assert hub.lineage(str(tmp_path / "backbone")) == hub.lineage("timm/resnet50.a1_in1k") == ""
+    assert hub.lineage([("started from", str(tmp_path / "backbone")), ("taught by", "timm/resnet50.a1_in1k")]) == ""
     # A hand-written base-model line is still read: the first quoted name after "Base model:".
     (tmp_path / "backbone" / "README.md").write_text("Base model: the ImageNet ResNet-50 of `../w` (Keras).\n")
     assert hub.card_base_model(tmp_path / "backbone") == "../w" and hub.card_base_model(tmp_path) == "unknown"
