@@ -6,6 +6,7 @@ The token comes from `HF_TOKEN` or the saved `huggingface-cli login`; it is neve
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from ham_hf.labels import CLASS_CODES, LONG_NAMES
@@ -97,8 +98,6 @@ LINEAGE_HEADER = "Lineage (read from the cards of the fine-tuned folders it came
 
 def card_base_model(folder: str | Path) -> str:
     """The base model a model folder's card names (the first `name` after "Base model:"), or "unknown"."""
-    import re
-
     card = Path(folder) / "README.md"
     found = re.search(r"Base model: [^`\n]*`([^`]+)`", card.read_text()) if card.is_file() else None
     return found.group(1) if found else "unknown"
@@ -106,8 +105,6 @@ def card_base_model(folder: str | Path) -> str:
 
 def _card_facts(folder: Path) -> tuple[str, str, str, list[str]] | None:
     """A local model folder's base model, device, training command and own lineage lines, read from its card."""
-    import re
-
     card = folder / "README.md"
     if not card.is_file():
         return None
