@@ -99,7 +99,12 @@ LINEAGE_HEADER = "Lineage (read from the cards of the fine-tuned folders it came
 def card_base_model(folder: str | Path) -> str:
     """The base model a model folder's card names (the first `name` after "Base model:"), or "unknown"."""
     card = Path(folder) / "README.md"
-    found = re.search(r"Base model: [^`\n]*`([^`]+)`", card.read_text()) if card.is_file() else None
+    return _base_model_in(card.read_text()) if card.is_file() else "unknown"
+
+
+def _base_model_in(card_text: str) -> str:
+    """The first `name` after "Base model:" in a card's text, or "unknown"."""
+    found = re.search(r"Base model: [^`\n]*`([^`]+)`", card_text)
     return found.group(1) if found else "unknown"
 
 
@@ -114,7 +119,7 @@ def _card_facts(folder: Path) -> tuple[str, str, str, list[str]] | None:
         return None
     device = re.search(r"^\| device \| (.+?) \|$", text, re.M)
     own = text.partition(LINEAGE_HEADER + "\n\n")[2].split("\n\n", 1)[0] if LINEAGE_HEADER in text else ""
-    return (card_base_model(folder), device.group(1) if device else "unknown device",
+    return (_base_model_in(text), device.group(1) if device else "unknown device",
             command.group(1).strip(), [ln for ln in own.splitlines() if ln])
 
 
