@@ -275,3 +275,30 @@ def test_json_config_passes_dict_options_as_json(tmp_path):
     assert argv == ["--lr_scheduler_kwargs", '{"num_cycles": 2}', "--num_train_epochs", "3"]
     args = train.HamTrainingArguments(output_dir=str(tmp_path), lr_scheduler_kwargs=argv[1])
     assert args.lr_scheduler_kwargs == {"num_cycles": 2}
+
+
+def test_view_study_scores_each_view_and_what_tta_serves(tiny_model, ham_dir_ro):
+    from ham_hf import data
+    from ham_hf import model as model_lib
+    from ham_hf.evaluation import embed
+    from ham_hf.transforms import cache_split
+
+    script = load_script("view_study")
+    model = model_lib.load_model(str(tiny_model)).float().eval()
+    own = model_lib.data_config(model)
+    cached = cache_split(data.load_splits(ham_dir_ro)["validation"], own)
+    views = script.view_logits(model, cached.images, own, batch_size=5)
+    assert views.shape == (len(cached.images), 8, 7)
+    np.testing.assert_allclose(views[:, 0], embed(model, cached, own)[1], atol=1e-5)  # view 0: the image as given
+    labels = cached.labels.numpy()
+    rows = {r["views"]: r for r in script.view_rows(views, labels)}
+    tta = metrics.softmax(embed(model, cached, own, tta=True)[1])  # what `--tta` and the app's toggle serve
+    assert rows["mean of 8"] == {"views": "mean of 8", **script.scores(tta, labels)}
+    assert len(rows) == 8 + 3
+    # Another eval size and crop reach the preprocessing the way a saved config would carry them.
+    dc = script.with_eval_view(model, own.size + 8, 1.0)
+    assert (dc.size, dc.resize) == (own.size + 8, own.size + 8)
+    tables = script.main(["--model", str(tiny_model), "--data", str(ham_dir_ro), "--sizes", str(own.size),
+                          "--crop_pcts", "1.0", "--no-tta"])
+    assert [(r["size"], r["crop_pct"]) for r in tables["eval_views"]] == [(own.size, 1.0)]
+    assert not tables["dihedral_views"]
