@@ -69,12 +69,18 @@ def front_matter(readme: Path = REPO / "README.md") -> str:
     return text.split("---\n", 2)[1]
 
 
-def space_readme(model_note: str) -> str:
-    """The Space's README: the project's front matter and a short page."""
-    return (f"---\n{front_matter()}---\n\n# HAM10000 skin-lesion classifier\n\n"
-            "A research demo of a timm ResNet-50 fine-tuned on HAM10000 (7 classes of pigmented skin lesions). "
-            "**Not a medical device; not for diagnosis.** It says so when an upload does not look like a "
-            f"dermatoscopic image.\n\nModel: {model_note}\n")
+def space_readme(model_note: str, model_id: str | None = None) -> str:
+    """The Space's README: the project's front matter, `models` naming the Hub model it serves, and a short page."""
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard(f"---\n{front_matter()}---\n")
+    # The Hub links a Space to the models its card lists: the one it loads, none when the model travels inside.
+    card.data.models = [model_id] if model_id else None
+    card.text = ("\n# HAM10000 skin-lesion classifier\n\n"
+                 "A research demo of a timm ResNet-50 fine-tuned on HAM10000 (7 classes of pigmented skin lesions). "
+                 "**Not a medical device; not for diagnosis.** It says so when an upload does not look like a "
+                 f"dermatoscopic image.\n\nModel: {model_note}\n")
+    return str(card)
 
 
 def _name(requirement: str) -> str:
@@ -90,14 +96,14 @@ def space_requirements(requirements: Path = REPO / "requirements.txt") -> str:
                       CPU_TORCH_INDEX, *keep]) + "\n"
 
 
-def stage_files(stage: Path, model_dir: Path | None, model_note: str) -> list[str]:
+def stage_files(stage: Path, model_dir: Path | None, model_note: str, model_id: str | None = None) -> list[str]:
     """Lay out exactly the Space's files in `stage`; return them, relative, sorted."""
     ignore = shutil.ignore_patterns(*NEVER)
     shutil.copy2(REPO / "app.py", stage / "app.py")
     shutil.copytree(REPO / "ham_hf", stage / "ham_hf", ignore=ignore)
     shutil.copytree(REPO / "examples", stage / "examples", ignore=ignore)
     (stage / "requirements.txt").write_text(space_requirements())
-    (stage / "README.md").write_text(space_readme(model_note))
+    (stage / "README.md").write_text(space_readme(model_note, model_id))
     if model_dir is not None:
         target = stage / BUNDLED
         target.mkdir(parents=True)
@@ -141,7 +147,7 @@ def deploy(args: DeployArguments, token: str | None = None) -> str:
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
-        files = stage_files(stage, model_dir, note)
+        files = stage_files(stage, model_dir, note, variable)
         if args.model is not None and Path(args.model).is_dir():
             hub.push_model(args.model, variable, private=args.private, token=token)
         api.create_repo(args.space_id, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import SpaceCard
 
 from ham_hf import deploy
 from ham_hf.cli import main
@@ -61,7 +62,9 @@ def test_deploy_uploads_exactly_the_space_files_with_the_bundled_model(fake_hub,
     assert not [f for f in files if f.startswith(("tests/", "notebooks/", "benchmarks/", "scripts/"))
                 or "__pycache__" in f or f.endswith((".pyc", ".pkl", ".bin", ".pt", ".ipynb")) or "checkpoint" in f]
     readme = (upload["copy"] / "README.md").read_text()
-    assert readme.split("---\n")[1] == deploy.front_matter()  # one source for the front matter
+    card, project = SpaceCard(readme), SpaceCard(f"---\n{deploy.front_matter()}---\n")
+    assert card.data.to_dict() == project.data.to_dict()  # one source for the front matter
+    assert card.data.models is None  # the model travels inside: the Space links to no Hub model
     requirements = (upload["copy"] / "requirements.txt").read_text()
     assert "whl/cpu" in requirements and "gradio" in requirements and "optuna" not in requirements
     assert SECRET not in caplog.text
@@ -71,6 +74,9 @@ def test_deploy_with_a_hub_model_sets_the_variable(fake_hub):
     assert main(["deploy", "--space_id", "me/ham-demo", "--model", "org/ham10000-resnet50", "--private"]) == 0
     upload = next(kw for name, kw in fake_hub if name == "upload_folder")
     assert not any(f.startswith("models/") for f in _files(upload["copy"]))
+    card = SpaceCard((upload["copy"] / "README.md").read_text())
+    assert card.data.models == ["org/ham10000-resnet50"]  # the Hub links the Space to the model it serves
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
     assert ("add_space_variable", {"repo_id": "me/ham-demo", "key": "HAM_MODEL", "value": "org/ham10000-resnet50"}) \
         in fake_hub
     assert next(kw for name, kw in fake_hub if name == "create_repo")["private"] is True
