@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from ham_hf import data, metrics  # noqa: E402
 from ham_hf import model as model_lib  # noqa: E402
+from ham_hf.calibration import check_same_split  # noqa: E402
 from ham_hf.evaluation import embed  # noqa: E402
 from ham_hf.transforms import TTA_VIEWS, Preprocess, cache_split, tta_views  # noqa: E402
 
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
 
     model = model_lib.load_model(args.model).float().eval().to(memory_format=torch.channels_last)
     own, bf16 = dict(model.config.pretrained_cfg), model_lib.cpu_bf16_native()
-    validation = data.load_splits(args.data)["validation"]
+    dsd = data.load_splits(args.data)
+    check_same_split(dsd, Path(args.model) / data.SPLIT_FILE)  # scores mean nothing on images it trained on
+    validation = dsd["validation"]
     tables: dict[str, list[dict]] = {"eval_views": [], "dihedral_views": []}
     for size in args.sizes:
         for crop_pct in args.crop_pcts:

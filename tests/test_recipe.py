@@ -277,7 +277,11 @@ def test_json_config_passes_dict_options_as_json(tmp_path):
     assert args.lr_scheduler_kwargs == {"num_cycles": 2}
 
 
-def test_view_study_scores_each_view_and_what_tta_serves(tiny_model, ham_dir_ro):
+def test_view_study_scores_each_view_and_what_tta_serves(tiny_model, ham_dir_ro, tmp_path):
+    import shutil
+
+    import pandas as pd
+
     from ham_hf import data
     from ham_hf import model as model_lib
     from ham_hf.evaluation import embed
@@ -302,3 +306,10 @@ def test_view_study_scores_each_view_and_what_tta_serves(tiny_model, ham_dir_ro)
                           "--crop_pcts", "1.0", "--no-tta"])
     assert [(r["size"], r["crop_pct"]) for r in tables["eval_views"]] == [(own.size, 1.0)]
     assert not tables["dihedral_views"]
+    moved = tmp_path / "other-split"  # the same model, trained (says its split.csv) on one validation image
+    shutil.copytree(tiny_model, moved)
+    split = pd.read_csv(moved / "split.csv")
+    split.loc[split.index[split["split"] == "validation"][0], "split"] = "train"
+    split.to_csv(moved / "split.csv", index=False)
+    with pytest.raises(Exception, match="is not the one in"):
+        script.main(["--model", str(moved), "--data", str(ham_dir_ro), "--no-tta"])
