@@ -8,6 +8,11 @@
 #   bash scripts/gpu_default_model.sh setup         # device, carry .whl .device/backbone: install, copy, GPU smoke test
 #   bash scripts/gpu_default_model.sh train         # device, carry .device/ham10000.zip: prepare, throughput, sweep, bundle
 #   bash scripts/gpu_default_model.sh distill       # device, same warm machine, if the budget allows: see below
+#   bash scripts/gpu_default_model.sh full          # device, instead of train + distill: both in one call (DEADLINE s)
+#
+# A 15-minute lease holds two calls (setup, then full): `full` runs the sweep without the soup, fits as many
+# distillation epochs as its DEADLINE leaves, and returns the one bundle (64 MiB a call) that scores higher on
+# validation, the best single run or its student, with both runs' reports.
 #
 # `train` runs the recipe variations in parallel on the one GPU (each alone leaves it partly idle
 # during evaluation and checkpointing), averages the finished runs into a greedy model soup chosen on
@@ -34,7 +39,7 @@
 # validation balanced accuracy beats the chosen one's, like any other candidate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: gpu_default_model.sh pack|setup|train|distill}
+stage=${1:?usage: gpu_default_model.sh pack|setup|train|distill|full}
 OUT=${OUT:-outputs/gpu-run}
 HOME_DIR=${GPU_HOME:-/root/ham}          # outside the checkout: survives between the two calls
 EPOCHS=${EPOCHS:-25}
@@ -117,7 +122,7 @@ EOF
   ;;
 train)
   test -d "$HOME_DIR/backbone" || { echo "run the setup stage first (same warm machine)"; exit 2; }
-  rm -rf /tmp/ham-data && python3 -m zipfile -e .device/ham10000.zip /tmp/ham-data
+  rm -rf /tmp/ham-data && python3 -m zipfile -e "${DATA_ZIP:-.device/ham10000.zip}" /tmp/ham-data
   python3 -m ham_hf.cli prepare --data-dir /tmp/ham-data/ham10000 --output /tmp/ham-prepared --overwrite 2>&1 | tail -4
   mkdir -p /tmp/sweep
   python3 benchmarks/train_throughput.py --data /tmp/ham-prepared --model "$HOME_DIR/backbone" --batch-size 256 \
@@ -131,7 +136,8 @@ train)
       > "/tmp/train-$name.log" 2>&1 &
   done
   wait || true
-  echo "sweep wall time: $(( $(date +%s) - start )) s"
+  echo "sweep wall time: $(( $(date +%s) - start )) s" | tee /tmp/sweep/wall.txt
+  echo $(( $(date +%s) - start )) > /tmp/runs/sweep-seconds
   best="" best_score=-1
   for name in "${!SWEEP[@]}"; do
     run=/tmp/runs/$name
@@ -146,6 +152,7 @@ train)
   done
   [ -n "$best" ] || { tar -cf "$OUT/sweep.tar" -C /tmp sweep; echo "no run finished"; exit 1; }
   echo "best single run on validation: $best ($best_score)"
+  echo "$best" > /tmp/runs/best-single
   rm -rf /tmp/bundle && mkdir -p /tmp/bundle/single /tmp/bundle/soup
   python3 -m ham_hf.cli bundle --model "/tmp/runs/$best" --output /tmp/bundle/single/ham10000-resnet50 2>&1 | tail -1
   finished=$(for name in "${!SWEEP[@]}"; do [ -f "/tmp/runs/$name/all_results.json" ] && echo "/tmp/runs/$name"; done)
@@ -165,32 +172,79 @@ print(len(r['soup_ingredients']), 'of', len(r['soup_offered']), 'runs, validatio
   fi
   tar -cf "$OUT/sweep.tar" -C /tmp sweep
   # The device tool returns at most 8 files of 16 MiB: the bundled folders travel as tar parts.
-  tar -cf - -C /tmp/bundle . | split -b 15m - "$OUT/bundle.tar.part-"
+  if [ "${PACK:-1}" = 1 ]; then tar -cf - -C /tmp/bundle . | split -b 15m - "$OUT/bundle.tar.part-"; fi
   ls -la "$OUT"
   ;;
 distill)
   ls /tmp/runs/*/all_results.json > /dev/null 2>&1 || { echo "run the train stage first (same warm machine)"; exit 2; }
-  # The two best finished sweep runs on validation (not the soup: it is made of them).
-  teachers=$(python3 -c "import glob, json, os
-runs = [(json.load(open(p))['eval_balanced_accuracy'], os.path.dirname(p)) for p in glob.glob('/tmp/runs/*/all_results.json')
-        if not p.startswith(('/tmp/runs/soup/', '/tmp/runs/distill/'))]
-print(' '.join(d for _, d in sorted(runs, reverse=True)[:2]))")
-  echo "teachers: $teachers"
+  # The teachers: of the finished sweep runs (not the soup: it is made of them), the pair whose geometric-mean
+  # ensemble scores the best validation balanced accuracy on their saved validation answers
+  # (scripts/ensemble_study.py): two runs that err apart teach more than the two best alone. The student
+  # trains with the best single run's recipe.
+  teachers=$(python3 - <<'PYEOF'
+import itertools, logging, pathlib, sys
+sys.path.insert(0, "scripts")
+import ensemble_study
+from ham_hf import metrics
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+runs = sorted(p.parent for p in pathlib.Path("/tmp/runs").glob("*/validation_predictions.csv")
+              if p.parent.name not in ("soup", "distill"))
+frames = {r: ensemble_study.read_predictions(r, "validation") for r in runs}
+scores = {pair: metrics.compute(*ensemble_study.ensemble([frames[r] for r in pair]))["balanced_accuracy"]
+          for pair in itertools.combinations(runs, 2)}
+for pair, score in sorted(scores.items(), key=lambda kv: -kv[1]):
+    logging.info("ensemble %s: validation balanced accuracy %.4f", " + ".join(r.name for r in pair), score)
+print(" ".join(map(str, max(scores, key=scores.get))))
+PYEOF
+)
+  best=$(cat /tmp/runs/best-single)
+  echo "teachers: $teachers; the student's recipe: $best's"
   rm -rf /tmp/runs/distill && start=$(date +%s)
   # shellcheck disable=SC2086
   timeout "${DISTILL_TIMEOUT:-420}" python3 -m ham_hf.cli train configs/resnet50.json --data /tmp/ham-prepared \
     --model_name_or_path "$HOME_DIR/backbone" --output_dir /tmp/runs/distill \
-    --num_train_epochs "$EPOCHS" --save_only_model true --save_total_limit 1 --disable_tqdm true --decode_threads 5 \
-    $LA $STRONG $EMA --distill_from $teachers ${TRAIN_EXTRA:-} > /tmp/distill.log 2>&1 || { tail -20 /tmp/distill.log; exit 1; }
+    --num_train_epochs "${DISTILL_EPOCHS:-$EPOCHS}" --save_only_model true --save_total_limit 1 --disable_tqdm true --decode_threads 12 \
+    ${SWEEP[$best]} --distill_from $teachers ${TRAIN_EXTRA:-} > /tmp/distill.log 2>&1 || { tail -20 /tmp/distill.log; exit 1; }
   echo "distillation wall time: $(( $(date +%s) - start )) s"
-  mkdir -p /tmp/distill-out && cp /tmp/distill.log /tmp/runs/distill/{all_results.json,validation_metrics.json,README.md} /tmp/distill-out/
+  mkdir -p /tmp/distill-out && cp /tmp/distill.log /tmp/runs/distill/{all_results.json,validation_metrics.json,validation_predictions.csv,trainer_state.json,README.md} /tmp/distill-out/
   python3 -c "import json; r = json.load(open('/tmp/runs/distill/all_results.json'))
 print('student: validation balanced accuracy', r['eval_balanced_accuracy'], 'test', r['test_balanced_accuracy'])"
   rm -rf /tmp/bundle-distill && python3 -m ham_hf.cli bundle --model /tmp/runs/distill \
     --output /tmp/bundle-distill/ham10000-resnet50 2>&1 | tail -1
   tar -cf "$OUT/distill.tar" -C /tmp distill-out
-  tar -cf - -C /tmp/bundle-distill . | split -b 15m - "$OUT/distill-bundle.tar.part-"
+  if [ "${PACK:-1}" = 1 ]; then tar -cf - -C /tmp/bundle-distill . | split -b 15m - "$OUT/distill-bundle.tar.part-"; fi
   ls -la "$OUT"
   ;;
-*) echo "unknown stage $stage: pack | setup | train | distill"; exit 2 ;;
+full)
+  # train and distill in one call (a 15-minute lease holds two calls: setup, then this), within $DEADLINE seconds.
+  # The call returns 64 MiB, one bundle: the candidate with the better validation balanced accuracy comes back
+  # as bundle.tar.part-* (picked.txt says which); both runs' reports come back in sweep.tar and distill.tar.
+  t0=$(date +%s) deadline=${DEADLINE:-540}
+  SOUP=${SOUP:-0} PACK=0 bash scripts/gpu_default_model.sh train
+  left=$(( deadline - ($(date +%s) - t0) - ${PACK_S:-40} ))   # bundling and packing the pick take ~40 s
+  # As many student epochs as fit (cosine schedules are set up front), up to $DISTILL_EPOCHS_MAX: the sweep's
+  # runs shared the GPU three ways, the student has it alone but runs its two teachers too (about 5/3 of a
+  # training step), so an epoch of it costs about 0.56 of a sweep epoch's wall time; 0.75 and 60 s of loading,
+  # calibration and scoring leave a margin.
+  epochs=$(python3 -c "print(min(${DISTILL_EPOCHS_MAX:-30}, int(($left - 60) / (0.75 * $(cat /tmp/runs/sweep-seconds) / $EPOCHS))))")
+  picked=single
+  if [ "$epochs" -ge "${DISTILL_MIN_EPOCHS:-10}" ]; then
+    echo "distillation: $epochs epochs in at most $left s"
+    if DISTILL_EPOCHS=$epochs DISTILL_TIMEOUT=$left PACK=0 bash scripts/gpu_default_model.sh distill; then
+      picked=$(python3 -c "import json
+s = json.load(open('/tmp/runs/$(cat /tmp/runs/best-single)/all_results.json'))['eval_balanced_accuracy']
+d = json.load(open('/tmp/runs/distill/all_results.json'))['eval_balanced_accuracy']
+print('distill' if d > s else 'single')")
+    else
+      echo "distillation failed or ran out of time (its log: distill.log)"; cp /tmp/distill.log "$OUT/" || true
+    fi
+  else
+    echo "no time left for distillation ($left s: $epochs epochs)"
+  fi
+  folder=/tmp/bundle/single; [ "$picked" = distill ] && folder=/tmp/bundle-distill
+  echo "$picked: $(cat /tmp/runs/best-single) and its distilled student compared on validation" | tee "$OUT/picked.txt"
+  tar -cf - -C "$folder" . | split -b 15m - "$OUT/bundle.tar.part-"
+  ls -la "$OUT"; echo "full stage: $(( $(date +%s) - t0 )) s"
+  ;;
+*) echo "unknown stage $stage: pack | setup | train | distill | full"; exit 2 ;;
 esac
