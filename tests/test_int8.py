@@ -177,3 +177,20 @@ def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, h
     assert (out / ood.GUARD_FILE).is_file() and not (out / export.INT8_RANGES).exists()
     assert "onnxruntime not installed here; run `ham-hf calibrate --int8_only true`" in caplog.text
     assert "int8_passed" not in json.loads((out / "all_results.json").read_text())
+
+
+def test_training_can_leave_int8_to_calibrate(ham_dir_ro, tiny_backbone, tmp_path, cache):
+    """`--calibrate_int8 false` (the GPU sweep's): calibrated and guarded, int8 measured later by `--int8_only`."""
+    from ham_hf import ood
+    from ham_hf.cli import main
+
+    from conftest import train_argv
+
+    out = tmp_path / "run"
+    assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--calibrate_int8", "false", "--num_train_epochs", "1")) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["temperature"] > 0 and (out / ood.GUARD_FILE).is_file()
+    assert not (out / export.INT8_RANGES).exists() and not any(k.startswith("int8_") for k in results)
+    assert main(["calibrate", "--model", str(out), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
+    assert (out / export.INT8_RANGES).is_file() and "int8_top1_agreement" in json.loads(
+        (out / "all_results.json").read_text())
