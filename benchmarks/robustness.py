@@ -6,7 +6,9 @@
 Validation images of the model's own split (`split.csv`), seeded sample, each changed the way other
 clinics, cameras and uploads change them (a round dermoscope frame, a black canvas, zoom, JPEG,
 blur, colour casts, greyscale, a large photo), then predicted as the app does with TTA off (one view). Per change:
-the share the out-of-distribution guard keeps and the accuracy against the dermatologists' labels.
+the share the out-of-distribution guard keeps, and the accuracy and balanced accuracy (mean recall over
+the classes: the selection metric, which a model tuned for it trades some accuracy for) against the
+dermatologists' labels.
 `--no-field-of-view-crop` turns the black-frame crop off, to measure what it is worth;
 `--shades-of-grey` adds colour constancy after it, at inference only, to measure what that would
 be worth without retraining.
@@ -115,14 +117,19 @@ def main() -> None:
     labels = np.array([CLASS_CODES.index(r["dx"]) for r in rows])
     clf = Classifier(str(folder), backend=a.backend)
     results: dict = {"n": len(rows), "backend": clf.backend, "field_of_view_crop": not a.no_field_of_view_crop,
-                     "shades_of_grey": a.shades_of_grey}
+                     "shades_of_grey": a.shades_of_grey,
+                     "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(CLASS_CODES)}}
+    logging.getLogger("bench").info("sample per class: %s", results["class_counts"])
     for name, change in CHANGES.items():
         images = [change(im) for im in originals]
         preds = [p for i in range(0, len(images), 32) for p in clf.predict(images[i:i + 32])]
         kept = float(np.mean([p.in_distribution is not False for p in preds]))
-        accuracy = float(np.mean([CLASS_CODES.index(p.top) == y for p, y in zip(preds, labels)]))
-        results[name] = {"kept": round(kept, 3), "accuracy": round(accuracy, 3)}
-        logging.getLogger("bench").info("%-32s kept %.3f  accuracy %.3f", name, kept, accuracy)
+        right = np.array([CLASS_CODES.index(p.top) == y for p, y in zip(preds, labels)])
+        balanced = float(np.mean([right[labels == c].mean() for c in np.unique(labels)]))
+        results[name] = {"kept": round(kept, 3), "accuracy": round(float(right.mean()), 3),
+                         "balanced_accuracy": round(balanced, 3)}
+        logging.getLogger("bench").info("%-32s kept %.3f  accuracy %.3f  balanced accuracy %.3f", name, kept,
+                                        right.mean(), balanced)
     emit(results, a.json)
 
 
