@@ -33,8 +33,9 @@
 # 380 s, and left no time for distillation. So the runs train with --calibrate_int8 false, then here:
 #   .venv/bin/ham-hf calibrate --model models/ham10000-resnet50 --data data/ham10000 --int8_only true
 # `distill` (a third call, right after `train` on the same warm machine, when the device time left allows
-# about 6 minutes): the two best runs of the sweep on validation teach one ResNet-50 trained from ImageNet
-# for $EPOCHS epochs (`--distill_from`, on the same augmented batches). On this CPU the geometric mean of
+# about 6 minutes): the two sweep runs whose ensemble scores best on validation teach one ResNet-50 trained
+# from ImageNet with the best run's recipe for $EPOCHS epochs (`--distill_from`, on the same augmented
+# batches; sweep 3's best pair scored 0.789 against 0.784 for its best run alone). On this CPU the geometric mean of
 # two models' answers scored 0.785 validation balanced accuracy against 0.750 and 0.762 alone, and 3
 # epochs of distillation recovered only a fifth of that margin (README, "Distillation, measured on this
 # CPU"): a GPU buys the long schedule distillation needs. It leaves distill.tar (reports and log) and the
