@@ -34,7 +34,7 @@ from ham_hf import calibration, data, hub, report
 from ham_hf import model as model_lib
 from ham_hf.errors import ModelError, UserError
 from ham_hf.evaluation import embed
-from ham_hf.transforms import CachedImages, cache_split
+from ham_hf.transforms import CachedImages, Preprocess, cache_split
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ class SoupArguments:
     logit_adjustment_max_ece: float = field(default=calibration.MAX_ECE, metadata={
         "help": "A tau qualifies only if temperature scaling brings its validation ECE to this or below; 1: no "
                 "condition."})
+    bn_images: int = field(default=0, metadata={
+        "help": "Training images (eval preprocessing, a seeded sample) that re-estimate the BatchNorm statistics "
+                "of every model scored, ingredients and averages alike, before it is scored; 0: keep their own "
+                "(an average keeps the averaged statistics, which are not those of the averaged weights)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
                                                               "the hardware runs it natively)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
@@ -61,6 +65,8 @@ class SoupArguments:
     def __post_init__(self):
         if len({Path(m).resolve() for m in self.models}) < 2:
             raise UserError(f"a soup needs two or more different models (got {self.models}): list them after --models")
+        if self.bn_images < 0:
+            raise UserError(f"--bn_images must be >= 0 (got {self.bn_images}); 0 keeps the BatchNorm statistics")
         if not 0 < self.logit_adjustment_max_ece <= 1:
             raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece})")
         out = Path(self.output_dir)
@@ -112,12 +118,35 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             for k in keys}
 
 
+def reestimate_batchnorm(model, images: CachedImages, data_config, n: int, bf16: bool, batch_size: int = 64,
+                         seed: int = 0) -> None:
+    """Replace every BatchNorm's running statistics by those of `n` seeded images through eval preprocessing."""
+    device = next(model.parameters()).device
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    pre = Preprocess(data_config).to(device)
+    batches = (pre(images.images[i].to(device), train=False) for i in pick.split(batch_size))
+    # update_bn resets the statistics and takes their plain (not running) mean over the batches.
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        torch.optim.swa_utils.update_bn(batches, model)
+    model.eval()
+
+
 class Scorer:
     """Scores weights on validation as the project decides: bare logits, then `choose_tau`."""
 
-    def __init__(self, model, data_config, validation: CachedImages, prior: np.ndarray, max_ece: float, bf16: bool):
+    def __init__(self, model, data_config, validation: CachedImages, prior: np.ndarray, max_ece: float, bf16: bool,
+                 bn_source: CachedImages | None = None, bn_images: int = 0):
         self.model, self.data_config, self.validation = model, data_config, validation
         self.prior, self.max_ece, self.bf16 = prior, max_ece, bf16
+        self.bn_source, self.bn_images = bn_source, bn_images
+
+    def prepare(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state as it will be scored and saved: BatchNorm statistics re-estimated where asked."""
+        if not self.bn_images:
+            return state
+        self.model.load_state_dict(state)
+        reestimate_batchnorm(self.model, self.bn_source, self.data_config, self.bn_images, self.bf16)
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @torch.inference_mode()
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -133,22 +162,25 @@ class Scorer:
 GREEDY_METRICS = ("balanced_accuracy", "roc_auc_macro")
 
 
-def greedy_soup(states: dict[str, dict], scorer, greedy: bool = True) -> tuple[list[str], dict, float, list]:
+def greedy_soup(states: dict[str, dict], scorer, greedy: bool = True,
+                prepare=lambda state: state) -> tuple[list[str], dict, float, list]:
     """(kept ingredient names, soup state, its tau, one record per step) of the greedy (or uniform) soup.
 
     Greedy: ingredients by validation balanced accuracy, each kept only if none of GREEDY_METRICS drops.
+    Every state, ingredient or average, goes through `prepare` (BatchNorm re-estimation) before it is scored.
     """
-    scored = {name: scorer(state) for name, state in states.items()}
+    prepared = {name: prepare(state) for name, state in states.items()}
+    scored = {name: scorer(state) for name, state in prepared.items()}
     steps = [{"step": "ingredient", "model": name, **score} for name, score in scored.items()]
     order = sorted(states, key=lambda name: -scored[name]["balanced_accuracy"])
     if not greedy:
-        soup = average([states[n] for n in order])
+        soup = prepare(average([states[n] for n in order]))
         score = scorer(soup)
         steps.append({"step": "uniform soup", "model": "+".join(order), **score})
         return order, soup, score["tau"], steps
-    kept, soup, best = [order[0]], states[order[0]], scored[order[0]]
+    kept, soup, best = [order[0]], prepared[order[0]], scored[order[0]]
     for name in order[1:]:
-        candidate = average([states[n] for n in [*kept, name]])
+        candidate = prepare(average([states[n] for n in [*kept, name]]))
         score = scorer(candidate)
         accepted = all(score[k] >= best[k] for k in GREEDY_METRICS)
         steps.append({"step": "add" if accepted else "reject", "model": name, **score})
@@ -165,10 +197,13 @@ def write_card(output: Path, args: SoupArguments, split_args: data.SplitArgument
     final = {split: json.loads((output / f"{split}_metrics.json").read_text())
              for split in ("validation", "test") if (output / f"{split}_metrics.json").is_file()}
     command = shlex.join(["ham-hf", "soup", "--models", *args.models, "--data", args.data,
-                          "--output_dir", args.output_dir, "--greedy", str(args.greedy).lower()])
+                          "--output_dir", args.output_dir, "--greedy", str(args.greedy).lower(),
+                          *(["--bn_images", str(args.bn_images)] if args.bn_images else [])])
     training = {"method": "greedy soup" if args.greedy else "uniform soup", "ingredients": ", ".join(kept),
                 "offered": ", ".join(args.models), "recipes": "each ingredient's own model card (README.md)",
-                "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)"}
+                "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)",
+                "BatchNorm statistics": (f"re-estimated on {args.bn_images} training images" if args.bn_images
+                                         else "the ingredients' own, averaged")}
     base = hub.card_base_model(args.models[0])  # the backbone, as the first ingredient's card names it
     hub.model_card(final, base_model=base, dataset=args.data, split_description=split_args.describe(),
                    training=training, command=command,
@@ -194,8 +229,9 @@ def run(args: SoupArguments, split_args: data.SplitArguments | None = None) -> d
     bf16 = args.bf16 if args.bf16 is not None else (
         torch.cuda.is_bf16_supported() if device.type == "cuda" else model_lib.cpu_bf16_native())
     model = model.to(device).to(memory_format=torch.channels_last)
-    scorer = Scorer(model, dc, cached["validation"], prior.double().numpy(), args.logit_adjustment_max_ece, bf16)
-    kept, soup, tau, steps = greedy_soup(states, scorer, args.greedy)
+    scorer = Scorer(model, dc, cached["validation"], prior.double().numpy(), args.logit_adjustment_max_ece, bf16,
+                    cached["train"], args.bn_images)
+    kept, soup, tau, steps = greedy_soup(states, scorer, args.greedy, scorer.prepare)
     model.load_state_dict(soup)
     model_lib.add_to_head_bias(model, -tau * prior)  # the decision, folded as training folds it
     output = Path(args.output_dir)
@@ -209,6 +245,7 @@ def run(args: SoupArguments, split_args: data.SplitArguments | None = None) -> d
             writer.writeheader()
             writer.writerows(steps)
         results = {"soup_ingredients": kept, "soup_offered": [str(p) for p in paths], "soup_greedy": args.greedy,
+                   "soup_bn_images": args.bn_images,
                    "logit_adjustment_tau": tau, "logit_adjustment_max_ece": args.logit_adjustment_max_ece}
         report.update_all_results(stage, results)
         logger.info("soup of %d of %d models (%s) at tau %g; calibrating", len(kept), len(paths), ", ".join(kept), tau)

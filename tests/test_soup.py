@@ -56,6 +56,44 @@ def test_greedy_soup_keeps_what_helps_and_leaves_out_what_hurts():
     assert steps[-1]["step"] == "uniform soup" and set(steps[-1]) >= {"balanced_accuracy", "roc_auc_macro", "tau"}
 
 
+def test_greedy_soup_scores_every_state_as_prepared():
+    states = {"a": {"w": torch.tensor([1.0])}, "b": {"w": torch.tensor([3.0])}}
+    seen = []
+
+    def scorer(state):  # records what it was given
+        seen.append(float(state["w"]))
+        return {"balanced_accuracy": float(state["w"]), "roc_auc_macro": 0.0, "tau": 0.5}
+
+    kept, state, _, _ = soup.greedy_soup(states, scorer, prepare=lambda s: {"w": s["w"] + 10})
+    # Ingredients 11 and 13, then b first (13) and the prepared average (2 + 10 = 12) is rejected.
+    assert seen == [11.0, 13.0, 12.0] and kept == ["b"] and float(state["w"]) == 13.0
+
+
+def test_batchnorm_is_re_estimated_from_the_eval_preprocessed_sample(ham_dir_ro, tiny_model):
+    from ham_hf.transforms import Preprocess, cache_split
+
+    model = model_lib.load_model(str(tiny_model)).float().eval()
+    dc = model_lib.data_config(model)
+    images = cache_split(data.load_splits(str(ham_dir_ro))["train"], dc)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    inputs = []
+    hook = norm.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+    n = len(images) - 1  # all but one, in one batch: the statistics are those of exactly these images
+    soup.reestimate_batchnorm(model, images, dc, n, bf16=False, batch_size=n)
+    hook.remove()
+    assert len(inputs) == 1 and not model.training and norm.momentum == 0.1  # eval mode, momentum restored
+    channels = inputs[0].transpose(0, 1).flatten(1)
+    assert torch.allclose(norm.running_mean, channels.mean(1), atol=1e-5)
+    assert torch.allclose(norm.running_var, channels.var(1, unbiased=True), atol=1e-4)
+    # The batch was the eval preprocessing of the seeded sample (the first norm's input needs no statistics).
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    hook = norm.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        model(pixel_values=Preprocess(dc)(images.images[pick], train=False))
+    hook.remove()
+    assert torch.allclose(inputs[1], inputs[0], atol=1e-5)
+
+
 def test_average_keeps_integer_buffers_and_refuses_other_shapes():
     a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(5)}
@@ -115,6 +153,31 @@ def test_soup_of_a_model_with_its_copy_is_that_model(tmp_path, ham_dir_ro, adjus
                                                                                        str(copy)]
 
 
+def test_soup_with_batchnorm_re_estimated_saves_the_statistics_it_was_scored_with(tmp_path, ham_dir_ro,
+                                                                                  adjusted_tiny_model):
+    copy = tmp_path / "copy"
+    shutil.copytree(adjusted_tiny_model, copy)
+    out = tmp_path / "soup"
+    assert main(["soup", "--models", str(adjusted_tiny_model), str(copy), "--data", str(ham_dir_ro),
+                 "--output_dir", str(out), "--bn_images", "16", "--bf16", "false"]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["soup_bn_images"] == 16 and "--bn_images 16" in (out / "README.md").read_text()
+    # The model itself with its statistics re-estimated on the same 16 images, nothing else changed.
+    from ham_hf.transforms import cache_split
+
+    model = model_lib.load_model(str(adjusted_tiny_model)).float().eval()
+    dc = model_lib.data_config(model)
+    soup.reestimate_batchnorm(model, cache_split(data.load_splits(str(ham_dir_ro))["train"], dc), dc, 16, bf16=False)
+    prior = _prior(ham_dir_ro)
+    before, after = soup.unfolded_state(adjusted_tiny_model, prior), soup.unfolded_state(out, prior)
+    stats = {k for k in before if k.endswith(("running_mean", "running_var"))}
+    assert stats and all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items()
+                         if v.is_floating_point() and k not in stats)
+    own = model.state_dict()
+    assert all(torch.allclose(after[k], own[k], atol=1e-5) for k in stats)
+    assert not all(torch.allclose(before[k], own[k], atol=1e-3) for k in stats)  # they did change
+
+
 def test_soup_refuses_what_cannot_be_averaged(tmp_path, ham_dir_ro, tiny_model, tiny_backbone, caplog):
     def run(*models, out=tmp_path / "soup"):
         return main(["soup", "--models", *map(str, models), "--data", str(ham_dir_ro), "--output_dir", str(out)])
@@ -143,6 +206,8 @@ def test_soup_refuses_what_cannot_be_averaged(tmp_path, ham_dir_ro, tiny_model, 
     assert run(tiny_model, other) == 2 and "validated on different splits" in caplog.text
     assert main(["soup", "--models", str(tiny_model), str(other), "--data", str(ham_dir_ro), "--output_dir",
                  str(tmp_path / "y"), "--logit_adjustment_max_ece", "0"]) == 2
+    assert main(["soup", "--models", str(tiny_model), str(other), "--data", str(ham_dir_ro), "--output_dir",
+                 str(tmp_path / "y"), "--bn_images", "-1"]) == 2 and "--bn_images must be >= 0" in caplog.text
     taken = tmp_path / "taken"
     (taken / "keep.txt").parent.mkdir()
     (taken / "keep.txt").write_text("mine")
