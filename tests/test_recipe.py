@@ -138,6 +138,35 @@ def test_tau_tradeoff_unfolds_the_head_and_re_decides_on_the_grid():
         script.raw_logits(folded, {"temperature": 0.4}, prior)
 
 
+def test_head_study_scores_the_model_s_own_head_and_heads_fitted_on_its_features(ham_dir_ro, calibrated_tiny_model):
+    script = load_script("head_study")
+    splits, prior, weight, bias = script.pooled(str(calibrated_tiny_model), str(ham_dir_ro), bf16=False)
+    # The features are what the head reads: through the unfolded head they give the bare logits.
+    from ham_hf import data
+
+    dsd = data.load_splits(str(ham_dir_ro))
+    results = json.loads((calibrated_tiny_model / "all_results.json").read_text())
+    bare = calibration.unfold_logits(_validation_logits(calibrated_tiny_model, dsd), results.get("temperature", 1.0),
+                                     results.get("logit_adjustment_tau", 0.0), prior)
+    val_f, val_y = splits["validation"]
+    assert np.allclose((val_f @ weight.T + bias).double().numpy(), bare, atol=1e-4)
+    rows = script.study(splits, prior, weight, bias, powers=(0.0, 1.0), pulls=(1e6,))
+    own, p0, p1 = rows[:3]
+    tau, table = calibration.choose_tau(bare, val_y.numpy(), prior)
+    assert own["tau"] == tau and own["balanced_accuracy"] == pytest.approx(table[tau]["balanced_accuracy"], abs=1e-4)
+    assert {k: v for k, v in p0.items() if k != "head"} == {k: v for k, v in own.items() if k != "head"}  # p 0: same
+    assert torch.allclose(script.tau_normalised(weight, 1.0).norm(dim=1), weight.norm(dim=1).mean())  # p 1: equal
+    # An overwhelming pull keeps the trained head; no pull lets the fit move it towards the training labels.
+    train_f, train_y = splits["train"]
+    held, _ = script.retrain(train_f, train_y, weight, bias, balanced=True, pull=1e6)
+    assert torch.allclose(held, weight, atol=1e-4)
+    free, free_bias = script.retrain(train_f, train_y, weight, bias, balanced=False, pull=0.0, label_smoothing=0.0)
+    loss = torch.nn.functional.cross_entropy
+    assert loss(train_f @ free.T + free_bias, train_y) < loss(train_f @ weight.T + bias, train_y)
+    assert [r["head"] for r in rows[3:]] == ["cRT, plain cross-entropy, pull 1e+06",
+                                             "cRT, class-balanced cross-entropy, pull 1e+06"]
+
+
 def test_tuned_logit_adjustment_records_a_grid_tau(tmp_path, ham_dir_ro, tiny_backbone):
     out = tmp_path / "tuned"
     argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--logit_adjustment_tau", "1",
