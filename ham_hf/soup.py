@@ -14,6 +14,12 @@ the soups are scored as the project decides (`choose_tau`: the best balanced acc
 whose calibrated ECE meets the calibration goal), and the chosen soup is then calibrated like any
 trained model (`calibration.calibrate`: temperature, guard, int8, reports and card; the test split
 is scored there, once).
+
+With `--bn_images N` every model scored, ingredient or average, first has its BatchNorm statistics
+re-estimated from N training images (SWA's `update_bn`; REPAIR's reset): an average's buffers are the
+average of its ingredients' statistics, not the statistics of the averaged weights. Off by default:
+on this project's models it moved single models more than souping did, and statistics of clean images
+cost colour robustness (README, "Model soups").
 """
 
 from __future__ import annotations
