@@ -34,6 +34,7 @@ from ham_hf import model as model_lib  # noqa: E402
 from ham_hf.calibration import check_same_split, choose_tau, log_prior  # noqa: E402
 from ham_hf.evaluation import embed  # noqa: E402
 from ham_hf.soup import unfolded_state  # noqa: E402
+from ham_hf.train import class_weights  # noqa: E402
 from ham_hf.transforms import cache_split  # noqa: E402
 
 logger = logging.getLogger("head_study")
@@ -50,8 +51,8 @@ def retrain(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, 
             balanced: bool, pull: float, label_smoothing: float = 0.1, steps: int = 300):
     """(weight, bias) of a linear head fitted by L-BFGS from the given one, held near it by `pull` x squared L2."""
     w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
-    counts = torch.bincount(labels, minlength=len(bias)).clamp(min=1).float()
-    class_weight = counts.sum() / counts / len(counts) if balanced else None
+    # The training run's own class weights (a weighted mean: only their ratios matter here).
+    class_weight = class_weights(labels, "balanced" if balanced else "none", len(bias))
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
