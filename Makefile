@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python app.py
 
 test: $(STAMP)
-	$(BIN)/ruff check ham_hf app.py tests benchmarks
+	$(BIN)/ruff check ham_hf app.py tests benchmarks research
 	HF_HUB_OFFLINE=1 HAM10000_DIR=$(HAM10000_DIR) $(BIN)/python -m pytest
 
 # CPU benchmarks behind the README's figures (minutes; not part of the tests).

@@ -2,7 +2,7 @@
 
     python app.py [--model DIR_OR_HUB_ID] [--port 7860]      # or HAM_MODEL=...; `make demo` runs this
 
-It runs as a Hugging Face Space as it is (README front matter: sdk gradio, app_file app.py).
+It runs as a Hugging Face Space as it is (`ham-hf deploy` writes the Space README: sdk gradio, app_file app.py).
 The model defaults to the bundled folder models/ham10000-resnet50 when there is one.
 """
 
@@ -23,15 +23,16 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from ham_hf.defaults import BUNDLED_MODEL  # noqa: E402
 from ham_hf.errors import ImageError, ModelError  # noqa: E402
-from ham_hf.explain import explain  # noqa: E402
-from ham_hf.inference import BACKENDS, Classifier, Prediction, resolve_model  # noqa: E402
 from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name  # noqa: E402
+from ham_hf.serve.classifier import BACKENDS, Classifier, Prediction, resolve_model  # noqa: E402
+from ham_hf.serve.explain import explain  # noqa: E402
 
 logger = logging.getLogger("ham_hf.app")
 
 REPO = Path(__file__).resolve().parent
-DEFAULT_MODEL = REPO / "models" / "ham10000-resnet50"
+DEFAULT_MODEL = BUNDLED_MODEL
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 MAX_UPLOAD_MB = 10
 CONCURRENCY = 2
@@ -123,9 +124,8 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
             with gr.Column():
                 image = gr.Image(type="filepath", sources=["upload", "webcam", "clipboard"],
                                  label="Dermatoscopic image", elem_id="image")
-                # Off by default: on the default model's validation split the 8 flip / rotation views raise
-                # macro AUC but lower balanced accuracy and push ECE over the calibration goal (README,
-                # "Test-time augmentation"), and cost about 0.15 s per image on a 2-core CPU.
+                # Off by default: on validation the 8 flip / rotation views rank better but decide no better
+                # (docs/serving.md, "Test-time augmentation"), at about 7x the time of one view.
                 tta = gr.Checkbox(label="Test-time augmentation (8 views)", value=False)
                 show_anyway = gr.Checkbox(label="Show the probabilities anyway (even if the image does not look "
                                                 "like a dermatoscopic lesion image)", value=False)

@@ -10,22 +10,19 @@ latency as a client sees it (queueing included).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import answered, emit, free_port, images, model_folder, start_app, summary, wait_up
+from common import answered, arguments, emit, free_port, images, model_folder, start_app, summary, wait_up
 
 
 def main() -> None:
     """Run the load and log errors and latency."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p = arguments(__doc__)
     p.add_argument("--model", default=None)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--requests", type=int, default=10, help="per client")
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

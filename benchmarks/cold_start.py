@@ -11,13 +11,12 @@ launch to the page answering ("page_s") and to the first `/predict` answer throu
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import tempfile
 import time
 
-from common import answered, emit, free_port, images, model_folder, start_app, wait_up
+from common import answered, arguments, emit, free_port, images, model_folder, start_app, wait_up
 
 
 def launch_to_answer(folder: str, image: str, cache: str) -> dict[str, float]:
@@ -41,11 +40,9 @@ def launch_to_answer(folder: str, image: str, cache: str) -> dict[str, float]:
 
 def main() -> None:
     """Launch the app with an empty cache, then with the cache it left, and log the times."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p = arguments(__doc__)
     p.add_argument("--model", default=None)
     p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

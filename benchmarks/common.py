@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -33,6 +34,14 @@ def model_folder(model: str | None) -> str:
 def images(data_dir: str, n: int) -> list[str]:
     """The first n HAM10000 image paths (both part folders)."""
     return [str(p) for p in sorted(Path(data_dir).glob("HAM10000_images_part_*/*.jpg"))[:n]]
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the options every benchmark shares: --data-dir (HAM10000) and --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="the HAM10000 folder (Kaggle layout)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    return p
 
 
 def summary(seconds: list[float]) -> dict[str, float]:

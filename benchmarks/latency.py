@@ -16,7 +16,6 @@ Runtime down); run with `OMP_WAIT_POLICY=PASSIVE` for the app's setting, without
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from common import emit, images, model_folder, summary
+from common import arguments, emit, images, model_folder, summary
 
 
 def timed(fn, items, warmup: int = 5) -> list[float]:
@@ -41,18 +40,16 @@ def timed(fn, items, warmup: int = 5) -> list[float]:
 
 def main() -> None:
     """Measure and log the three paths side by side."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p = arguments(__doc__)
     p.add_argument("--model", default=None, help="default: the shared ResNet-50 with a 7-class head")
     p.add_argument("--n", type=int, default=100)
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers import pipeline
 
-    from ham_hf.inference import Classifier
     from ham_hf.labels import CLASS_CODES
+    from ham_hf.serve.classifier import Classifier
 
     folder, files = model_folder(a.model), images(a.data_dir, a.n)
     fast, fp32, eager = Classifier(folder), Classifier(folder, backend="onnx"), Classifier(folder, backend="torch")

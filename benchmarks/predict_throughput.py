@@ -10,26 +10,23 @@ images per second of that loop. A backend the model cannot serve is reported wit
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
-from common import emit, images, model_folder
+from common import arguments, emit, images, model_folder
 
 
 def main() -> None:
     """Measure and log predict throughput per backend."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p = arguments(__doc__)
     p.add_argument("--model", default=None, help="default: the shared ResNet-50 with a 7-class head")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--backends", default="auto,onnx-int8,onnx")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ham_hf.inference import Classifier, predict_files
+    from ham_hf.serve.classifier import Classifier, predict_files
 
     folder, files = model_folder(a.model), [Path(f) for f in images(a.data_dir, a.n)]
     results: dict = {"n": len(files), "batch_size": a.batch_size}

@@ -16,7 +16,6 @@ be worth without retraining.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from common import emit, model_folder
+from common import arguments, emit, model_folder
 
 
 def framed(img: Image.Image, radius: float) -> Image.Image:
@@ -92,19 +91,17 @@ CHANGES = {
 
 def main() -> None:
     """Predict every change of the sample and log kept / accuracy per change."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True)
+    p = arguments(__doc__)
     p.add_argument("--model", required=True, help="a model folder with split.csv (the bundled one, or a run)")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--backend", default="auto")
     p.add_argument("--no-field-of-view-crop", action="store_true", help="measure without the black-frame crop")
     p.add_argument("--shades-of-grey", action="store_true", help="colour constancy after the crop (inference only)")
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ham_hf import transforms
-    from ham_hf.inference import Classifier
     from ham_hf.labels import CLASS_CODES
+    from ham_hf.serve.classifier import Classifier
 
     crop = (lambda img: img) if a.no_field_of_view_crop else transforms.crop_field_of_view
     # load_rgb looks the name up at call time

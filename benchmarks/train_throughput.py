@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from ham_hf import data, train
+from ham_hf import data, defaults, precision, train
 from ham_hf import model as model_lib
 from ham_hf.transforms import AugmentArguments, cache_split
 
@@ -97,7 +97,7 @@ def main() -> None:
     """Measure decode, and pipeline and bare-step throughput per precision; log them (and JSON with --json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="HAM10000 folder or prepared dataset")
-    p.add_argument("--model", default=model_lib.DEFAULT_BACKBONE)
+    p.add_argument("--model", default=defaults.DEFAULT_BACKBONE)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=6, help="timed steps (after the warm-up)")
@@ -125,10 +125,10 @@ def main() -> None:
     cached = cache_split(split, dc)
     decode_rate = len(cached) / (time.perf_counter() - t0)
 
-    figures = {"device": train.device_name(), "image_size": dc.size, "batch_size": a.batch_size,
+    figures = {"device": precision.device_name(), "image_size": dc.size, "batch_size": a.batch_size,
                "frozen_stages": a.frozen_stages,
                "threads": torch.get_num_threads(), "decode_images_per_s": round(decode_rate, 1)}
-    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else train.cpu_bf16_native()
+    native = precision.bf16_native("cuda" if torch.cuda.is_available() else "cpu")
     for prec in a.precisions.split(","):
         if prec == "bf16" and not native:
             logging.warning("skipping bf16: %s has no native bf16", figures["device"])

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ham_hf.defaults import BUNDLED_DIR
 from ham_hf.errors import UserError
 
 logger = logging.getLogger("ham_hf")
@@ -40,6 +41,27 @@ def json_to_argv(path: str) -> list[str]:
         # A dict option (lr_scheduler_kwargs, ...) travels as JSON, which TrainingArguments parses back.
         argv += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
     return argv
+
+
+def options_given(argv: list[str], parsed) -> dict:
+    """The options a command line (with its leading config.json) sets, by field name, as parsed (JSON-ready)."""
+    import dataclasses
+    import enum
+
+    if argv and argv[0].endswith(".json"):
+        argv = json_to_argv(argv[0]) + argv[1:]
+    aliases = {alias.lstrip("-").replace("-", "_"): f.name for obj in parsed for f in dataclasses.fields(obj)
+               for alias in f.metadata.get("aliases", [])}
+    values = {f.name: getattr(obj, f.name) for obj in parsed for f in dataclasses.fields(obj)}
+    given = {}
+    for token in argv:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            key = aliases.get(key, key)
+            if key in values:
+                value = values[key]
+                given[key] = value.value if isinstance(value, enum.Enum) else value
+    return given
 
 
 def parse(argv: list[str], *dataclass_types, defaults: list[str] | None = None):
@@ -96,13 +118,14 @@ def cmd_train(argv: list[str]) -> int:
 
     parsed = parse(argv, train.ModelArguments, train.DataArguments, train.RecipeArguments, AugmentArguments,
                    data.SplitArguments, train.HamTrainingArguments)
-    train.run(*parsed, command=shlex.join(["ham-hf", "train", *argv]))
+    train.run(*parsed, command=shlex.join(["ham-hf", "train", *argv]), options=options_given(argv, parsed))
     return 0
 
 
 def cmd_tune(argv: list[str]) -> int:
     """Search learning rates, regularisation and imbalance handling on validation (optuna)."""
-    from ham_hf import data, train, tune
+    from ham_hf import data, train
+    from ham_hf.train import tune
     from ham_hf.transforms import AugmentArguments
 
     *parsed, tune_args = parse(argv, train.ModelArguments, train.DataArguments, train.RecipeArguments,
@@ -141,7 +164,8 @@ class CalibrateArguments:
 
 def cmd_calibrate(argv: list[str]) -> int:
     """Fold temperature scaling (fitted on validation) into the head and fit the OOD guard."""
-    from ham_hf import calibration, data
+    from ham_hf import data
+    from ham_hf.finish import calibration
 
     args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
     calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only,
@@ -165,7 +189,8 @@ class EvaluateArguments:
 
 def cmd_evaluate(argv: list[str]) -> int:
     """Score a saved model on a split of any data source and write the reports."""
-    from ham_hf import data, evaluation
+    from ham_hf import data
+    from ham_hf.finish import evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
     evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size,
@@ -190,7 +215,7 @@ def cmd_predict(argv: list[str]) -> int:
     """Predict image files and folders into a CSV; unreadable files are reported and skipped."""
     import csv
 
-    from ham_hf.inference import Classifier, list_images, predict_files
+    from ham_hf.serve.classifier import Classifier, list_images, predict_files
 
     split_at = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     paths, (args,) = argv[:split_at], parse(argv[split_at:], PredictArguments)
@@ -236,8 +261,8 @@ class ExportArguments:
 
 def cmd_export(argv: list[str]) -> int:
     """Export a model to ONNX (float32, dynamic batch) for ONNX Runtime."""
-    from ham_hf import export
     from ham_hf import model as model_lib
+    from ham_hf.serve import export
 
     (args,) = parse(argv, ExportArguments)
     model = model_lib.load_model(args.model)
@@ -250,7 +275,7 @@ class BundleArguments:
     """Options of `ham-hf bundle`."""
 
     model: str = field(metadata={"help": "Model folder written by ham-hf train."})
-    output_dir: str = field(default="models/ham10000-resnet50", metadata={
+    output_dir: str = field(default=str(BUNDLED_DIR), metadata={
         "help": "Folder to write (the app's default).", "aliases": ["--output"]})
     dtype: str = field(default="float16", metadata={"help": "Storage dtype of weight tensors.",
                                                     "choices": ["float16", "bfloat16", "float32"]})
@@ -258,7 +283,7 @@ class BundleArguments:
 
 def cmd_bundle(argv: list[str]) -> int:
     """Copy a trained model's Hub files into a compact folder (weights in half precision)."""
-    from ham_hf import export
+    from ham_hf.serve import export
 
     (args,) = parse(argv, BundleArguments)
     export.bundle(args.model, args.output_dir, args.dtype)
@@ -267,7 +292,8 @@ def cmd_bundle(argv: list[str]) -> int:
 
 def cmd_soup(argv: list[str]) -> int:
     """Average fine-tuned models into one (greedy model soup, chosen on validation), then calibrate it."""
-    from ham_hf import data, soup
+    from ham_hf import data
+    from ham_hf.train import soup
 
     args, split_args = parse(argv, soup.SoupArguments, data.SplitArguments)
     soup.run(args, split_args)
@@ -276,7 +302,7 @@ def cmd_soup(argv: list[str]) -> int:
 
 def cmd_deploy(argv: list[str]) -> int:
     """Create or update the Hugging Face Space of the app, with exactly the files it needs."""
-    from ham_hf import deploy
+    from ham_hf.hub import deploy
 
     (args,) = parse(argv, deploy.DeployArguments)
     print(deploy.deploy(args))

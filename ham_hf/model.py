@@ -18,9 +18,6 @@ from ham_hf.labels import CLASS_CODES, LONG_NAMES, id2label, label2id
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "timm/resnet50.a1_in1k"
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """What preprocessing the model expects: eval crop `size` out of a `resize` square, mean/std."""
@@ -68,15 +65,6 @@ def load_model(name_or_path: str, image_size: int | None = None, random_init: bo
     return model
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU runs bf16 matrix work in hardware (AVX512-BF16 or AMX), as PyTorch detects it."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def load_config(name_or_path: str):
     """Read a timm model's config from a folder or the Hub; a clear ModelError when it cannot be had."""
     from transformers import TimmWrapperConfig
@@ -85,8 +73,9 @@ def load_config(name_or_path: str):
         return TimmWrapperConfig.from_pretrained(name_or_path)
     except OSError as exc:
         raise ModelError(
-            f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}). Offline, pass a local "
-            "folder with config.json + model.safetensors, e.g. --model_name_or_path ../shared/weights/resnet50-imagenet"
+            f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}). Pass a Hub id that "
+            "exists (with Hub access), such as --model_name_or_path timm/resnet50.a1_in1k, or, offline, a local "
+            "timm folder with config.json + model.safetensors (--model_name_or_path DIR)"
         ) from None
 
 
@@ -115,28 +104,6 @@ def data_config(model) -> DataConfig:
 def head(model) -> nn.Module:
     """Return the classifier head module of the timm model."""
     return model.timm_model.get_classifier()
-
-
-def add_to_head_bias(model, offset) -> None:
-    """Add a per-class offset to the classifier head's bias, in place (logit adjustment)."""
-    import torch
-
-    fc = head(model)
-    if getattr(fc, "bias", None) is None:
-        raise ModelError(f"the head of {type(model.timm_model).__name__} has no bias to fold a logit offset into")
-    with torch.no_grad():
-        fc.bias.add_(torch.as_tensor(offset, dtype=fc.bias.dtype, device=fc.bias.device))
-
-
-def scale_head(model, factor: float) -> None:
-    """Multiply the classifier head's weight and bias by `factor`, in place (temperature 1/factor)."""
-    import torch
-
-    fc = head(model)
-    with torch.no_grad():
-        fc.weight.mul_(factor)
-        if getattr(fc, "bias", None) is not None:
-            fc.bias.mul_(factor)
 
 
 def features_and_logits(model, pixel_values):

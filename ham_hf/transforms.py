@@ -47,10 +47,10 @@ class AugmentArguments:
     hue: float = field(default=0.02, metadata={"help": "Colour jitter: hue shift in turns (+-)."})
     channel_gain: float = field(default=0.0, metadata={
         "help": "Colour cast: each of R, G, B scaled by its own factor in [1 - g, 1 + g] (cameras and lights "
-                "differ; a cool cast costs the default model 0.10 of accuracy, README 'Robustness')."})
+                "differ; docs/evaluation.md, 'Robustness')."})
     blur_sigma: float = field(default=0.0, metadata={
         "help": "Defocus: half of the images blurred by a Gaussian of sigma uniform in (0, this] pixels (focus and "
-                "optics differ; a blur costs the default model 0.20 of accuracy, README 'Robustness')."})
+                "optics differ; docs/evaluation.md, 'Robustness')."})
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -107,17 +107,6 @@ def make_tiny_backbone(folder: Path, image_size: int = 40) -> Path:
     return folder
 
 
-def load_script(name: str):
-    """A file of scripts/ as a module (scripts are not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def train_argv(data_dir, backbone, output_dir, *extra) -> list[str]:
     """Arguments of a fast `ham-hf train` run on a tiny model."""
     return ["train", "--data", str(data_dir), "--model_name_or_path", str(backbone), "--output_dir", str(output_dir),

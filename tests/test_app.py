@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ham_hf.inference import Classifier
 from ham_hf.labels import CLASS_CODES, display_name
+from ham_hf.serve.classifier import Classifier
 
 import app
 
@@ -129,8 +129,9 @@ def test_start_without_a_model_explains_what_to_do(monkeypatch, tmp_path, caplog
 def test_space_front_matter():
     import yaml
 
-    text = (Path(app.__file__).parent / "README.md").read_text()
-    meta = yaml.safe_load(text.split("---")[1])
+    from ham_hf.hub.deploy import SPACE_TEMPLATE
+
+    meta = yaml.safe_load(SPACE_TEMPLATE.read_text().split("---")[1])
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
     assert {"title", "emoji", "sdk_version", "license", "datasets"} <= set(meta)
     # The app serves the bundled folder: no Hub model to link (`ham-hf deploy --model ID` adds it).

@@ -9,19 +9,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ham_hf.defaults import BUNDLED_MODEL as DEFAULT
+from ham_hf.defaults import DEFAULT_RECIPE
 from ham_hf.labels import CLASS_CODES
 
-DEFAULT = Path(__file__).resolve().parents[1] / "models" / "ham10000-resnet50"
 pytestmark = pytest.mark.skipif(not (DEFAULT / "model.safetensors").is_file(), reason="no bundled default model")
 
 
 def test_app_serves_the_bundled_model_by_default(monkeypatch):
-    from ham_hf.inference import resolve_model
+    from ham_hf.serve.classifier import resolve_model
 
     import app
 
     monkeypatch.delenv("HAM_MODEL", raising=False)
     assert Path(resolve_model(None, app.DEFAULT_MODEL)) == DEFAULT
+
+
+def test_bundled_model_was_trained_with_the_default_recipe():
+    """One source of truth: the bundled folder's recorded recipe is configs/default-model.json, option for option."""
+    from ham_hf import data, train
+    from ham_hf.cli import parse
+    from ham_hf.transforms import AugmentArguments
+
+    recorded = json.loads((DEFAULT / "recipe.json").read_text())
+    assert recorded == json.loads(DEFAULT_RECIPE.read_text())
+    # Every key is a `ham-hf train` option, and the file parses as its configuration.
+    parsed = parse([str(DEFAULT_RECIPE)], train.ModelArguments, train.DataArguments, train.RecipeArguments,
+                   AugmentArguments, data.SplitArguments, train.HamTrainingArguments)
+    values = {k: v for obj in parsed for k, v in vars(obj).items()}
+    assert all(values[key] == value for key, value in recorded.items())
+    card = (DEFAULT / "README.md").read_text()
+    assert "configs/default-model.json" in card and "../shared" not in card and "resnet50.keras_in1k" in card
 
 
 def test_bundled_model_card_and_size():
@@ -54,7 +72,7 @@ def test_bundled_model_beats_chance_on_held_out_real_images(real_ham_dir):
 
 def test_bundled_model_records_a_tau_that_meets_its_calibration_condition():
     """The bundled head's logit adjustment was chosen by the project's rule, and its card says which."""
-    from ham_hf.calibration import TAU_GRID
+    from ham_hf.finish.calibration import TAU_GRID
 
     results = json.loads((DEFAULT / "all_results.json").read_text())
     assert results["logit_adjustment_tau"] in TAU_GRID

@@ -175,7 +175,7 @@ def test_framed_real_lesions_are_kept_and_read_like_the_unframed(bundled_model, 
     import numpy as np
     from PIL import Image
 
-    from ham_hf.inference import Classifier
+    from ham_hf.serve.classifier import Classifier
 
     ids = [r["image_id"] for r in csv.DictReader((bundled_model / "split.csv").open()) if r["split"] == "validation"]
     picked = np.random.default_rng(1).choice(ids, 48, replace=False)

@@ -1,0 +1,1 @@
+"""The finishing stage: temperature scaling and the guard's fit, the int8 gate, evaluation and split reports."""

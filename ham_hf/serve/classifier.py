@@ -1,0 +1,268 @@
+"""One loaded classifier: preprocess, predict (optionally with test-time augmentation), label.
+
+    clf = Classifier("outputs/ham10000-resnet50")            # or a Hub id
+    clf.predict(["lesion.jpg"], tta=True)[0].label()          # {"Melanoma (mel)": 0.81, ...}
+
+Preprocessing is the model's own eval transform (the same as `pipeline("image-classification")`).
+On the CPU the forward pass runs in ONNX Runtime when it is installed (exported here from the
+safetensors weights, cached by digest), otherwise in PyTorch (inference mode, channels_last);
+both give the same probabilities. Weights are read only as safetensors; no remote code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ham_hf import model as model_lib
+from ham_hf.errors import ImageError, ModelError
+from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
+from ham_hf.metrics import softmax
+from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, load_rgb, resize_square, tta_views
+
+logger = logging.getLogger(__name__)
+
+# What runs the network: auto picks int8 ONNX on the CPU when the model's fidelity check passed.
+BACKENDS = ("auto", "onnx-int8", "onnx", "torch")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Class probabilities of one image, and whether it looks like the images the model was trained on."""
+
+    probabilities: dict[str, float]  # class code -> probability, all 7
+    ood_score: float | None = None  # higher = less like the training images; None without a guard
+    in_distribution: bool | None = None  # the guard's verdict; None without a guard
+
+    @property
+    def top(self) -> str:
+        """The most probable class code."""
+        return max(self.probabilities, key=self.probabilities.get)
+
+    @property
+    def malignant_probability(self) -> float:
+        """Summed probability of the malignant classes (akiec, bcc, mel)."""
+        return float(sum(p for c, p in self.probabilities.items() if c in MALIGNANT))
+
+    @property
+    def group(self) -> str:
+        """"malignant" or "benign", by the larger summed probability."""
+        return "malignant" if self.malignant_probability >= 0.5 else "benign"
+
+    def label(self) -> dict[str, float]:
+        """Long names with codes -> probability, as gr.Label takes it."""
+        return {display_name(c): p for c, p in self.probabilities.items()}
+
+
+def resolve_model(explicit: str | None, default_dir: str | Path | None) -> str:
+    """Pick the model: explicit value, else HAM_MODEL, else the bundled default folder; explain if none."""
+    chosen = explicit or os.environ.get("HAM_MODEL")
+    if chosen:
+        return chosen
+    if default_dir and (Path(default_dir) / "config.json").is_file():
+        return str(default_dir)
+    raise ModelError(
+        "No model to serve. Pass --model DIR_OR_HUB_ID or set HAM_MODEL (a folder written by `ham-hf train`, "
+        "or a Hub id such as ORG/ham10000-resnet50); to train one: `ham-hf prepare --data HAM10000_FOLDER "
+        "--output_dir data/ham10000 && ham-hf train configs/default-model.json --data data/ham10000 "
+        "--output_dir outputs/ham10000-resnet50` (its backbone: timm/resnet50.a1_in1k from the Hub, or a local "
+        "timm folder via --model_name_or_path)."
+    )
+
+
+class Classifier:
+    """A HAM10000 classifier loaded once from a Hub id or a local folder."""
+
+    def __init__(self, name_or_path: str, backend: str = "auto", device: str | None = None):
+        if not model_lib.is_fine_tuned(name_or_path):
+            raise ModelError(f"{name_or_path} is not a HAM10000 classifier (its labels are not "
+                             f"{', '.join(CLASS_CODES)}); fine-tune it with `ham-hf train` first")
+        from transformers import TimmWrapperForImageClassification
+
+        self.name = name_or_path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.model = TimmWrapperForImageClassification.from_pretrained(name_or_path, use_safetensors=True)
+        except OSError as exc:
+            raise ModelError(f"cannot load weights from {name_or_path!r}: only model.safetensors is read "
+                             f"(pickled checkpoints are refused) ({exc})") from None
+        self.model = self.model.float().eval().to(self.device).to(memory_format=torch.channels_last)
+        self.data_config = model_lib.data_config(self.model)
+        self.preprocess = Preprocess(self.data_config).to(self.device)
+        self.guard = self._load_guard(name_or_path)
+        self.backend = self._choose_backend(backend)
+        logger.info("loaded %s (%s, %d px, backend %s, %s)", name_or_path, self.device, self.data_config.size,
+                    self.backend, "OOD guard" if self.guard else "no OOD guard")
+
+    def _load_guard(self, name_or_path: str):
+        """The model's OOD guard (a local file, or from the Hub repo), or None when it has none."""
+        from ham_hf.serve import ood
+
+        try:
+            path = self._model_file(ood.GUARD_FILE)
+        except Exception:  # no guard in the repo (or offline): predictions carry no verdict
+            return None
+        if not path.is_file():
+            return None
+        guard = ood.Guard.load(path)
+        width = model_lib.head(self.model).in_features
+        if guard.feature_size != width:
+            raise ModelError(f"the OOD guard in {name_or_path} reads {guard.feature_size} features but the model "
+                             f"gives {width}: it belongs to another model; refit it with `ham-hf calibrate`")
+        return guard
+
+    def _choose_backend(self, backend: str) -> str:
+        """torch, onnx (fp32) or onnx-int8; auto: int8 on the CPU when the model's fidelity check passed.
+
+        Whatever stops int8 (no ranges, a failed gate, an ONNX Runtime without the tools, a corrupt
+        cached file) falls back to fp32 ONNX with one log line saying why; never a crash at start-up.
+        """
+        if backend not in BACKENDS:
+            raise ModelError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "torch" or (backend == "auto" and self.device.type != "cpu"):
+            return "torch"
+        try:
+            import onnxruntime as ort
+
+            from ham_hf.serve import export
+        except ImportError:
+            if backend != "auto":
+                raise ModelError("the onnx backends need `pip install onnx onnxruntime`") from None
+            return "torch"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        if backend in ("auto", "onnx-int8"):
+            reason = self._int8_refusal() if backend == "auto" else None
+            if reason is None:
+                try:
+                    path = export.cached_int8(self.model, self.data_config.size, self._model_file(export.INT8_RANGES))
+                    self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    return "onnx-int8"
+                except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
+                    reason = str(exc).splitlines()[0]
+            logger.info("int8 not used (%s); serving fp32 ONNX", reason)
+        path = export.cached_onnx(self.model, self.data_config.size)
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return "onnx"
+
+    def _model_file(self, name: str) -> Path:
+        """A file beside the model (a local folder, or fetched from its Hub repo)."""
+        if Path(self.name).is_dir():
+            return Path(self.name) / name
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(self.name, name))
+
+    def _int8_refusal(self) -> str | None:
+        """Why int8 is not the default for this model, or None when its fidelity check passed."""
+        import json
+
+        from ham_hf.serve.export import INT8_FIDELITY
+
+        try:
+            fidelity = json.loads(self._model_file(INT8_FIDELITY).read_text())
+        except Exception:
+            return f"the model has no {INT8_FIDELITY} (run `ham-hf calibrate`)"
+        if not fidelity.get("passed"):
+            return (f"its fidelity check failed: top-1 agreement {fidelity.get('top1_agreement', float('nan')):.4f}, "
+                    f"balanced accuracy {fidelity.get('balanced_accuracy_int8', float('nan')):.4f} vs fp32 "
+                    f"{fidelity.get('balanced_accuracy_fp32', float('nan')):.4f}")
+        return None
+
+    def images_to_tensor(self, images: Sequence) -> torch.Tensor:
+        """Decode and preprocess images (paths, bytes or PIL) into a normalised batch on the device."""
+        dc = self.data_config
+        if len(images) == 1:  # the app's path: no thread pool
+            cached = torch.from_numpy(resize_square(load_rgb(images[0], dc.resize), dc.resize, dc.interpolation))[None]
+        else:
+            cached = decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images)))
+        return self.preprocess(cached.to(self.device), train=False)
+
+    @torch.inference_mode()
+    def logits_and_features(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Run the model on a preprocessed batch; return float64 logits and the pooled features."""
+        if self.backend.startswith("onnx"):
+            logits, features = self._session.run(None, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
+            return logits.astype(np.float64), features
+        features, logits = model_lib.features_and_logits(self.model, pixel_values)
+        return logits.double().cpu().numpy(), features.float().cpu().numpy()
+
+    def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Run the model on a preprocessed batch; return float64 logits."""
+        return self.logits_and_features(pixel_values)[0]
+
+    def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
+        x = self.images_to_tensor(images)
+        logits, features = self.logits_and_features(tta_views(x) if tta else x)
+        probs = softmax(logits)
+        if tta:
+            probs = probs.reshape(TTA_VIEWS, len(images), -1).mean(axis=0)
+            features = features[: len(images)]  # the guard scores the image as given (the first view)
+        return probs, (self.guard.score(features) if self.guard is not None else None)
+
+    def predict_proba(self, images: Sequence, tta: bool = False) -> np.ndarray:
+        """Return (N, 7) probabilities; with tta, averaged over the 8 flip / 90-degree views."""
+        return self.predict_proba_and_ood(images, tta)[0]
+
+    def predict(self, images: Sequence, tta: bool = False) -> list[Prediction]:
+        """Return one Prediction per image (with the guard's score and verdict when the model has a guard)."""
+        probs, scores = self.predict_proba_and_ood(images, tta)
+        return [self._prediction(row, None if scores is None else scores[i]) for i, row in enumerate(probs)]
+
+    def _prediction(self, probs: np.ndarray, score: float | None) -> Prediction:
+        """Wrap one row of probabilities and its OOD score."""
+        if score is None:
+            return Prediction(dict(zip(CLASS_CODES, map(float, probs))))
+        return Prediction(dict(zip(CLASS_CODES, map(float, probs))), float(score),
+                          bool(self.guard.in_distribution(score)))
+
+
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image files."""
+    from ham_hf.data import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(p)
+    return found
+
+
+def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int = 32, tta: bool = False,
+                  progress: bool = True) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Predict image files in batches; return (rows with all 7 probabilities, [(file, reason) skipped])."""
+    from tqdm.auto import tqdm
+
+    rows, skipped, batch, names = [], [], [], []
+
+    def flush():
+        for name, pred in zip(names, classifier.predict(batch, tta)):
+            rows.append({"path": name, "predicted": pred.top, "group": pred.group,
+                         "malignant_probability": round(pred.malignant_probability, 6),
+                         **{f"prob_{c}": round(p, 6) for c, p in pred.probabilities.items()},
+                         "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
+                         "in_distribution": pred.in_distribution})
+        batch.clear()
+        names.clear()
+
+    for path in tqdm(files, desc="predict", unit="img", disable=not progress):
+        try:
+            batch.append(load_rgb(str(path), reduce_to=classifier.data_config.resize))
+            names.append(str(path))
+        except (ImageError, OSError) as exc:
+            logger.warning("skipped %s: %s", path, exc)
+            skipped.append((str(path), str(exc)))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return rows, skipped

@@ -1,0 +1,227 @@
+"""Export a saved classifier to ONNX for fast CPU inference with ONNX Runtime.
+
+    ham-hf export --model DIR [--output DIR/model.onnx]
+
+The ONNX graph is always built here from the safetensors weights (never downloaded), and the
+inference module caches it by a digest of the weights, so a changed model is exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+# Bumped when the graph's outputs change, so cached exports of older graphs are not reused.
+GRAPH_VERSION = "logits+features"
+
+
+class _LogitsAndFeatures(nn.Module):
+    """Wrap the transformers model so the graph maps pixel_values to logits and the pooled features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ham_hf.model import features_and_logits
+
+        features, logits = features_and_logits(self.model, pixel_values)
+        return logits, features
+
+
+def weights_digest(model, size: int) -> str:
+    """A short digest of the weights and input size (the ONNX cache key)."""
+    h = hashlib.sha256(f"{size}:{GRAPH_VERSION}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def export_onnx(model, size: int, path: str | Path) -> Path:
+    """Write the model as ONNX (float32, dynamic batch; outputs logits and features) to path, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    dummy = torch.zeros(1, 3, size, size)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(_LogitsAndFeatures(model), (dummy,), str(tmp), input_names=["pixel_values"],
+                          output_names=["logits", "features"], dynamo=False,
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    tmp.replace(path)
+    logger.info("exported ONNX model to %s", path)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX graphs are cached (HAM_HF_CACHE, else ~/.cache/ham_hf)."""
+    return Path(os.environ.get("HAM_HF_CACHE", Path.home() / ".cache" / "ham_hf")) / "onnx"
+
+
+def cached_onnx(model, size: int) -> Path:
+    """Return the cached ONNX export of these weights, exporting it first if needed."""
+    path = cache_dir() / f"{weights_digest(model, size)}.onnx"
+    return path if path.is_file() else export_onnx(model, size, path)
+
+
+# ----------------------------------------------------------------------------- compact weights
+
+
+def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:
+    """Copy a model folder's Hub files to output, storing weight tensors in dtype (half the size).
+
+    Normalisation parameters and buffers stay float32: a batch-norm running variance can exceed the
+    float16 range. The config keeps dtype float32, so loaders compute in float32 as before.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(model_dir), Path(output)
+    dst.mkdir(parents=True, exist_ok=True)
+    from ham_hf.hub import model_files
+
+    for name in model_files(src):
+        if name != "model.safetensors":
+            shutil.copy2(src / name, dst / name)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file(_compact(tensors, getattr(torch, dtype)), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    logger.info("bundled %s into %s (%s weights)", src, dst, dtype)
+    return dst
+
+
+def _compact(tensors: dict, dtype) -> dict:
+    """Store convolution and linear weights (the bulk) in dtype; anything 1-D (biases, norms, buffers) stays."""
+    return {k: (v.to(dtype) if v.is_floating_point() and v.ndim > 1 else v) for k, v in tensors.items()}
+
+
+def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
+    """Save a timm model's weights as safetensors in the storage dtype of `reference` (a bundled fp16 stays fp16)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(reference), "pt") as fh:
+        dtype = max((fh.get_slice(k) for k in fh.keys()), key=lambda t: len(t.get_shape())).get_dtype()
+    import torch
+
+    storage = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtype, torch.float32)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.timm_model.state_dict().items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(_compact(state, storage), str(path), metadata={"format": "pt"})
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- int8 (static, QDQ)
+
+# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with) and
+# the fidelity check that decides whether int8 is served.
+INT8_RANGES = "int8_ranges.json"
+INT8_FIDELITY = "int8_fidelity.json"
+# How activation ranges are measured (ONNX Runtime's CalibrationMethod name). The moving average
+# of per-batch extremes, not the extremes over all images: with plain MinMax, rare outliers set the
+# ranges of the later stages and their typical activations round to zero (research/README.md,
+# "int8 recipe").
+INT8_METHOD = "MinMax"
+INT8_OPTIONS = {"CalibMovingAverage": True}
+# The cumulative input stride up to which the graph stays float: the stem and the first stage, where
+# the image's fine detail still is (with everything quantized, top-1 agreement with fp32 fell below the
+# gate; research/README.md, "int8 recipe"). The head stays float too (tiny, and it alone sets the temperature-sharpened probabilities).
+FLOAT_UNTIL_STRIDE = 4
+# Part of the int8 cache key: a change of the recipe above must not reuse an old build.
+INT8_RECIPE = f"{INT8_METHOD}:{sorted(INT8_OPTIONS.items())}:float-stride-{FLOAT_UNTIL_STRIDE}:float-head"
+
+
+class Int8Unavailable(RuntimeError):
+    """int8 cannot be built here (no quantization tools, no ranges, ranges of another graph)."""
+
+
+class _Batches:
+    """An ONNX Runtime CalibrationDataReader over preprocessed float32 batches."""
+
+    def __init__(self, batches):
+        self._it = iter([{"pixel_values": b} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None) -> Path:
+    """Static int8 quantization by INT8_RECIPE (QDQ, per-channel int8 weights, uint8 activations).
+
+    With `batches` (preprocessed float32 arrays) the ranges are measured and written to `ranges_path`;
+    without, the ranges already at `ranges_path` are used, so int8 can be built where no data is.
+    Raises Int8Unavailable when this ONNX Runtime cannot, or the ranges do not fit the graph.
+    """
+    import onnx
+
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise Int8Unavailable(f"this ONNX Runtime has no quantization tools ({exc})") from None
+    out_path, ranges_path = Path(out_path), Path(ranges_path)
+    if batches is None and not ranges_path.is_file():
+        raise Int8Unavailable(f"no {ranges_path.name} beside the model (run `ham-hf calibrate` to measure it)")
+    if batches is not None:
+        ranges_path.unlink(missing_ok=True)  # ONNX Runtime would reuse an existing file instead of measuring
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))  # folds batch norms, infers shapes
+        if batches is None:
+            names = {t for n in onnx.load(str(prepared)).graph.node for t in (*n.input, *n.output)}
+            missing = set(json.loads(ranges_path.read_text()).get("data", {})) - names
+            if missing:
+                raise Int8Unavailable(f"{ranges_path.name} names {len(missing)} tensors this graph lacks "
+                                      "(exported by another torch version?); refit with `ham-hf calibrate`")
+        tmp_out = Path(tmp) / "int8.onnx"
+        try:
+            quantize_static(str(prepared), str(tmp_out), _Batches(batches) if batches is not None else None,
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, INT8_METHOD),
+                            nodes_to_exclude=float_nodes(onnx.load(str(prepared)).graph),
+                            extra_options=dict(INT8_OPTIONS), calibration_cache_path=str(ranges_path))
+        except TypeError as exc:  # an ONNX Runtime older than calibration caches
+            raise Int8Unavailable(f"this ONNX Runtime cannot reuse calibration ranges ({exc})") from None
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp_out), out_path)
+    logger.info("int8 model written to %s", out_path)
+    return out_path
+
+
+def float_nodes(graph) -> list[str]:
+    """The nodes int8 leaves float: all before the graph's stride passes FLOAT_UNTIL_STRIDE, and the head."""
+    names, stride, early = [], 1, True
+    for node in graph.node:  # ONNX keeps nodes in topological order
+        if early and node.op_type in ("Conv", "MaxPool", "AveragePool"):
+            stride *= max(next((list(a.ints) for a in node.attribute if a.name == "strides"), [1]))
+            early = stride <= FLOAT_UNTIL_STRIDE
+        if early or node.op_type in ("Gemm", "MatMul", "GlobalAveragePool", "Flatten"):
+            names.append(node.name)
+    return names
+
+
+def cached_int8(model, size: int, ranges_path: str | Path) -> Path:
+    """The cached int8 build of these weights and ranges, quantizing the fp32 export first if needed."""
+    ranges_path = Path(ranges_path)
+    if not ranges_path.is_file():
+        raise Int8Unavailable(f"no {ranges_path.name} beside the model")
+    digest = hashlib.sha256(ranges_path.read_bytes() + INT8_RECIPE.encode()).hexdigest()[:12]
+    path = cache_dir() / f"{weights_digest(model, size)}-{digest}-int8.onnx"
+    if path.is_file():
+        return path
+    return quantize_int8(cached_onnx(model, size), path, ranges_path)

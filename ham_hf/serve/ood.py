@@ -1,0 +1,249 @@
+"""Out-of-distribution guard: does an input look like the dermatoscopic images the model was trained on?
+
+The score is the Mahalanobis distance (Lee et al., NeurIPS 2018) of the image's pooled penultimate
+features to the nearest class centre of the training images, with one shared covariance (shrunk by
+Ledoit-Wolf) in a PCA subspace of the features. Why this and not the classifier's confidence: the
+softmax of a lesion classifier is often *more* confident on photos, charts and X-rays than on
+lesions, while their features sit far from every lesion class (research/README.md, "The guard's score",
+compares it with max-softmax and the energy score).
+
+The guard is stored beside the model as `ood_guard.safetensors` (arrays and a threshold, no pickle).
+The threshold keeps KEEP_QUANTILE of the validation lesions, times a margin, so that lesion images
+from other clinics and cameras, which sit a little further out than HAM10000's own, still pass.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ham_hf.errors import ModelError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+GUARD_FILE = "ood_guard.safetensors"
+PCA_DIMS = 384
+KEEP_QUANTILE = 0.99
+MARGIN = 1.25
+VERSION = "1"
+
+
+@dataclass
+class Guard:
+    """Mahalanobis-to-nearest-class-centre score with a threshold (higher = less like the training images)."""
+
+    mean: np.ndarray        # (D,) feature mean
+    components: np.ndarray  # (d, D) PCA directions
+    centres: np.ndarray     # (K, d) class centres in the subspace
+    precision: np.ndarray   # (d, d) shared inverse covariance
+    threshold: float
+    keep_quantile: float = KEEP_QUANTILE
+
+    @property
+    def feature_size(self) -> int:
+        """Length of the feature vectors the guard reads."""
+        return int(self.mean.shape[0])
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray,
+            dims: int = PCA_DIMS, keep_quantile: float = KEEP_QUANTILE, margin: float = MARGIN) -> "Guard":
+        """Fit the subspace, class centres and covariance on train; set the threshold on validation."""
+        from sklearn.covariance import LedoitWolf
+
+        x = np.asarray(train_features, dtype=np.float64)
+        labels = np.asarray(train_labels)
+        mean = x.mean(axis=0)
+        dims = min(dims, x.shape[0] - 1, x.shape[1])
+        components = np.linalg.svd(x - mean, full_matrices=False)[2][:dims]
+        z = (x - mean) @ components.T
+        classes = np.unique(labels)
+        centres = np.stack([z[labels == c].mean(axis=0) for c in classes])
+        residual = z - centres[np.searchsorted(classes, labels)]
+        precision = LedoitWolf(assume_centered=True).fit(residual).precision_
+        guard = cls(mean.astype(np.float32), components.astype(np.float32), centres.astype(np.float32),
+                    precision.astype(np.float32), threshold=float("inf"), keep_quantile=keep_quantile)
+        guard.threshold = float(np.quantile(guard.score(val_features), keep_quantile) * margin)
+        return guard
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class centre, one per row."""
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or features.shape[1] != self.feature_size:
+            raise ModelError(f"the OOD guard reads {self.feature_size} features per image, the model gives "
+                             f"{features.shape[-1]}: the guard belongs to another model; refit it with "
+                             "`ham-hf calibrate --model DIR --data ...`")
+        mean, projection, centres, precision = self._float64
+        # One BLAS thread: these products are small, and OpenBLAS threads left spinning after them would
+        # take the cores from the next forward pass (measured: the app's p50 doubled).
+        with _blas_threads(1):
+            d = ((features - mean) @ projection)[:, None, :] - centres[None]  # (N, K, d)
+            # d P d per row and centre as one matrix product: a three-operand einsum took 8x longer.
+            return ((d @ precision) * d).sum(axis=-1).min(axis=1)
+
+    @cached_property
+    def _float64(self) -> tuple[np.ndarray, ...]:
+        """mean, projection (D, d), centres and precision in float64, converted once rather than per call."""
+        return tuple(np.asarray(a, dtype=np.float64) for a in (self.mean, self.components.T, self.centres,
+                                                                self.precision))
+
+    def in_distribution(self, scores: np.ndarray) -> np.ndarray:
+        """Whether each score passes the threshold."""
+        return np.asarray(scores) <= self.threshold
+
+    def save(self, path: str | Path) -> Path:
+        """Write the arrays and threshold as safetensors (no pickle)."""
+        from safetensors.numpy import save_file
+
+        meta = {"threshold": repr(self.threshold), "keep_quantile": repr(self.keep_quantile), "version": VERSION,
+                "score": "squared Mahalanobis distance to the nearest class centre (PCA subspace, Ledoit-Wolf)"}
+        arrays = {"mean": self.mean, "components": self.components, "centres": self.centres,
+                  "precision": self.precision}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Guard":
+        """Read a guard file; a ModelError naming the fix when it is not one."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "np") as fh:
+                meta = fh.metadata() or {}
+                arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+            guard = cls(arrays["mean"], arrays["components"], arrays["centres"], arrays["precision"],
+                        threshold=float(meta["threshold"]),
+                        keep_quantile=float(meta.get("keep_quantile", KEEP_QUANTILE)))
+        except (SafetensorError, KeyError, ValueError, OSError) as exc:
+            raise ModelError(f"{path} is not a usable OOD guard file ({exc}); refit it with "
+                             "`ham-hf calibrate --model DIR --data ...`") from None
+        return guard
+
+    def evaluate(self, features_of, data_config, val_features: np.ndarray, output_dir: Path | None = None) -> dict:
+        """AUROC and share flagged on non-dermoscopic images, and the share of validation lesions kept.
+
+        `features_of` maps a (N, H, W, 3) uint8 tensor of decoded images to their (N, D) features.
+        """
+        import torch
+        from sklearn.metrics import roc_auc_score
+
+        from ham_hf.transforms import load_rgb, resize_square
+
+        names, images = zip(*non_dermoscopic_images())
+        cached = torch.stack([torch.from_numpy(resize_square(load_rgb(im), data_config.resize,
+                                                              data_config.interpolation)) for im in images])
+        outside = self.score(features_of(cached))
+        inside = self.score(val_features)
+        truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+        figures = {"ood_threshold": self.threshold, "ood_keep_quantile": self.keep_quantile,
+                   "ood_validation_kept": float(self.in_distribution(inside).mean()),
+                   "ood_auroc": float(roc_auc_score(truth, np.r_[inside, outside])),
+                   "ood_flagged": float((~self.in_distribution(outside)).mean()), "ood_n_images": len(outside)}
+        if output_dir is not None:
+            per_image = {n: {"score": round(float(s), 2), "flagged": bool(s > self.threshold)}
+                         for n, s in zip(names, outside)}
+            (Path(output_dir) / "ood_images.json").write_text(json.dumps(per_image, indent=1) + "\n")
+        logger.info("OOD guard: %.1f%% of validation lesions kept; non-dermoscopic images AUROC %.4f, %.1f%% flagged",
+                    100 * figures["ood_validation_kept"], figures["ood_auroc"], 100 * figures["ood_flagged"])
+        return figures
+
+
+_CONTROLLER = None
+
+
+def _blas_threads(n: int):
+    """A context that limits the BLAS libraries numpy uses to n threads (threadpoolctl, found once)."""
+    global _CONTROLLER
+    from threadpoolctl import ThreadpoolController
+
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n, user_api="blas")
+
+
+def guard_path(model_dir: str | Path) -> Path:
+    """Where a model folder keeps its guard."""
+    return Path(model_dir) / GUARD_FILE
+
+
+# ----------------------------------------------------------------------------- non-dermoscopic images
+
+
+SKIMAGE_SAMPLES = ("astronaut", "binary_blobs", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee",
+                   "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
+                   "logo", "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale any numeric image array to uint8."""
+    if a.dtype == np.uint8:
+        return a
+    a = a.astype(np.float64)
+    return (255 * (a - a.min()) / max(a.max() - a.min(), 1e-9)).astype(np.uint8)
+
+
+def generated_images(seed: int = 0) -> list[tuple[str, "Image.Image"]]:
+    """Solid colours (skin tones too), noise, gradients, rendered text and charts: inputs a lesion model never saw."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for rgb in ((0, 0, 255), (255, 0, 0), (0, 255, 0), (255, 255, 255), (0, 0, 0), (128, 128, 128), (230, 180, 160),
+                (200, 120, 100), (120, 80, 60)):
+        out.append((f"solid-{rgb[0]}-{rgb[1]}-{rgb[2]}", Image.new("RGB", (320, 240), rgb)))
+    for i in range(4):
+        out.append((f"noise-{i}", Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))))
+    for i in range(4):
+        ramp = (np.linspace(0, 1, 320)[None, :, None] * rng.random(3)
+                + np.linspace(0, 1, 240)[:, None, None] * rng.random(3))
+        out.append((f"gradient-{i}", Image.fromarray((255 * ramp / ramp.max()).astype(np.uint8))))
+    for i, kind in enumerate(("line", "bar", "text", "scatter", "pie", "table")):
+        fig = Figure(figsize=(4, 3))
+        ax = fig.subplots()
+        if kind == "line":
+            ax.plot(rng.random(30).cumsum())
+        elif kind == "bar":
+            ax.bar(range(6), rng.random(6))
+        elif kind == "scatter":
+            ax.scatter(rng.random(50), rng.random(50))
+        elif kind == "pie":
+            ax.pie(rng.random(4) + 0.1)
+        else:
+            ax.axis("off")
+            ax.text(0.02, 0.5, "Quarterly report\nRevenue grew 12%\nSee appendix B" if kind == "text"
+                    else "id | name | value\n1  | alpha | 0.3\n2  | beta  | 0.7", fontsize=13, family="monospace")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        out.append((f"chart-{kind}", Image.open(buf).convert("RGB")))
+    return out
+
+
+def non_dermoscopic_images() -> list[tuple[str, "Image.Image"]]:
+    """scikit-image's and scikit-learn's bundled sample images plus generated ones (each skipped if absent)."""
+    from PIL import Image
+
+    out = []
+    try:
+        import skimage.data
+
+        for name in SKIMAGE_SAMPLES:
+            try:
+                out.append((f"skimage-{name}", Image.fromarray(_to_uint8(getattr(skimage.data, name)()))))
+            except Exception as exc:  # a sample that needs a download: skip it offline
+                logger.debug("skimage sample %s unavailable: %s", name, exc)
+    except ImportError:
+        logger.info("scikit-image is not installed: its sample images are left out of the OOD figures")
+    from sklearn.datasets import load_sample_images
+
+    out += [(f"sklearn-{i}", Image.fromarray(a)) for i, a in enumerate(load_sample_images().images)]
+    return out + generated_images()

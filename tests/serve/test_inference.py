@@ -1,0 +1,315 @@
+"""ham_hf.inference: equality with the pipeline, TTA, the fast path, every bad input, predict, push, export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ham_hf.cli import main
+from ham_hf.errors import ImageError, ModelError
+from ham_hf.labels import CLASS_CODES
+from ham_hf.serve.classifier import Classifier, Prediction, resolve_model, tta_views
+from ham_hf.transforms import load_rgb
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Keep exported ONNX graphs inside the test's temporary folder."""
+    import os
+
+    os.environ["HAM_HF_CACHE"] = str(tmp_path_factory.mktemp("ham_hf_cache"))
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_model) -> Classifier:
+    return Classifier(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def clf_torch(tiny_model) -> Classifier:
+    return Classifier(str(tiny_model), backend="torch")
+
+
+def _pipeline_probs(model_dir, images) -> np.ndarray:
+    from transformers import pipeline
+
+    out = pipeline("image-classification", model=str(model_dir))(images, top_k=7)
+    return np.array([[{d["label"]: d["score"] for d in row}[c] for c in CLASS_CODES] for row in out])
+
+
+def test_tta_off_equals_the_pipeline(tiny_model, clf, clf_torch):
+    images = [Image.open(p).convert("RGB") for p in EXAMPLES]
+    expected = _pipeline_probs(tiny_model, images)
+    np.testing.assert_allclose(clf_torch.predict_proba([str(p) for p in EXAMPLES]), expected, atol=1e-5)
+    assert clf.backend == "onnx"
+    np.testing.assert_allclose(clf.predict_proba([str(p) for p in EXAMPLES]), expected, atol=1e-5)
+
+
+def test_fast_path_matches_pytorch_on_the_real_resnet50(tmp_path, real_images):
+    """ONNX Runtime (the app's CPU path) and eager PyTorch agree on the real ResNet-50 architecture."""
+    weights = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
+    if not (weights / "model.safetensors").is_file():
+        pytest.skip("../shared/weights/resnet50-imagenet is not here")
+    from ham_hf.model import load_model
+
+    load_model(str(weights)).save_pretrained(tmp_path / "r50")
+    paths = [str(p) for p in real_images.values()]
+    fast, eager = Classifier(str(tmp_path / "r50")), Classifier(str(tmp_path / "r50"), backend="torch")
+    assert (fast.backend, eager.backend) == ("onnx", "torch")
+    np.testing.assert_allclose(fast.predict_proba(paths), eager.predict_proba(paths), atol=1e-3)
+    np.testing.assert_allclose(fast.predict_proba(paths[:2], tta=True), eager.predict_proba(paths[:2], tta=True),
+                               atol=1e-3)
+
+
+def test_tta_averages_the_eight_views(clf):
+    import torch
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = tta_views(x)
+    assert views.shape == (16, 3, 4, 4)
+    assert len({tuple(v.flatten().tolist()) for v in views[::2]}) == 8  # 8 distinct views of image 0
+    probs = clf.predict_proba([str(EXAMPLES[0])], tta=True)
+    manual = np.mean([clf.predict_proba([img])[0] for img in _dihedral(load_rgb(str(EXAMPLES[0])))], axis=0)
+    assert probs.shape == (1, 7) and probs.sum() == pytest.approx(1.0)
+    # Views of the cropped tensor vs views of the whole picture differ only at the crop border.
+    assert np.abs(probs[0] - manual).max() < 0.05
+
+
+def _dihedral(img: Image.Image) -> list[Image.Image]:
+    out = []
+    for k in range(4):
+        r = img.rotate(90 * k, expand=True)
+        out += [r, r.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    return out
+
+
+def test_prediction_labels_and_grouping(clf):
+    pred = clf.predict([str(EXAMPLES[0])])[0]
+    label = pred.label()
+    assert set(label) == {"Actinic keratosis / intraepithelial carcinoma (akiec)", "Basal cell carcinoma (bcc)",
+                          "Benign keratosis-like lesion (bkl)", "Dermatofibroma (df)", "Melanoma (mel)",
+                          "Melanocytic nevus (nv)", "Vascular lesion (vasc)"}
+    assert sum(label.values()) == pytest.approx(1.0)
+    p = Prediction({"akiec": 0.1, "bcc": 0.1, "bkl": 0.05, "df": 0.05, "mel": 0.4, "nv": 0.25, "vasc": 0.05})
+    assert p.top == "mel" and p.malignant_probability == pytest.approx(0.6) and p.group == "malignant"
+
+
+def test_large_jpeg_is_decoded_at_reduced_size(tmp_path, clf):
+    big = tmp_path / "big.jpg"
+    Image.open(EXAMPLES[0]).resize((4000, 3000)).save(big, quality=90)
+    img = load_rgb(str(big), reduce_to=clf.data_config.resize)
+    assert max(img.size) <= 1000 and min(img.size) >= 2 * clf.data_config.resize - 1
+    small = Image.open(EXAMPLES[0]).resize((4000, 3000)).resize((800, 600))
+    np.testing.assert_allclose(clf.predict_proba([str(big)]), clf.predict_proba([small]), atol=0.05)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_not_an_image(tmp_path, clf):
+    f = tmp_path / "notes.jpg"
+    f.write_text("this is text, not a JPEG")
+    with pytest.raises(ImageError, match="notes.jpg is not an image that can be read"):
+        clf.predict([str(f)])
+
+
+def test_truncated_jpeg(tmp_path, clf):
+    data = _jpeg_bytes(Image.open(EXAMPLES[0]).convert("RGB").resize((400, 300)), quality=95)
+    f = tmp_path / "cut.jpg"
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="damaged or incomplete"):
+        clf.predict([str(f)])
+
+
+def test_decompression_bomb(tmp_path, clf):
+    f = tmp_path / "bomb.png"
+    Image.new("1", (12_000, 12_000)).save(f)  # 144 megapixels in a few kilobytes
+    assert f.stat().st_size < 100_000
+    with pytest.raises(ImageError, match="too large to decode safely"):
+        clf.predict([str(f)])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "P", "LA"])
+def test_other_colour_modes_are_handled(tmp_path, clf, mode):
+    src = Image.open(EXAMPLES[0]).convert("RGB")
+    if mode == "I;16":
+        arr = (np.asarray(src.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        img, path = Image.fromarray(arr, "I;16"), tmp_path / "img16.png"
+    else:
+        img, path = src.convert(mode), tmp_path / f"img_{mode}.{'jpg' if mode in ('L', 'CMYK') else 'png'}"
+    img.save(path)
+    loaded = load_rgb(str(path))
+    assert loaded.mode == "RGB" and loaded.size == src.size
+    if mode == "I;16":  # 16-bit grey keeps its brightness (not clipped to white)
+        assert abs(np.asarray(loaded).mean() - np.asarray(src.convert("L")).mean()) < 2
+    probs = clf.predict_proba([str(path)])
+    assert probs.shape == (1, 7) and probs.sum() == pytest.approx(1.0)
+
+
+def test_one_pixel_image(tmp_path, clf):
+    f = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (120, 60, 40)).save(f)
+    probs = clf.predict_proba([str(f)])
+    assert probs.shape == (1, 7) and np.isfinite(probs).all()
+
+
+def test_exif_rotated_photo_is_turned_upright(tmp_path, clf):
+    upright = Image.open(EXAMPLES[4]).convert("RGB")  # 200x150
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    f = tmp_path / "exif.jpg"
+    stored.save(f, exif=exif, quality=100)
+    assert load_rgb(str(f)).size == upright.size
+    np.testing.assert_allclose(clf.predict_proba([str(f)]), clf.predict_proba([upright]), atol=0.02)
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_model / "config.json", folder / "config.json")
+    torch.save(load_file(str(tiny_model / "model.safetensors")), folder / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="only model.safetensors is read"):
+        Classifier(str(folder))
+
+
+def test_a_backbone_is_not_served(tiny_backbone):
+    with pytest.raises(ModelError, match="not a HAM10000 classifier"):
+        Classifier(str(tiny_backbone))
+
+
+def test_resolve_model(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.delenv("HAM_MODEL", raising=False)
+    assert resolve_model("org/name", None) == "org/name"
+    monkeypatch.setenv("HAM_MODEL", "env/model")
+    assert resolve_model(None, tiny_model) == "env/model"
+    monkeypatch.delenv("HAM_MODEL")
+    assert resolve_model(None, tiny_model) == str(tiny_model)
+    with pytest.raises(ModelError, match="--model.*HAM_MODEL.*ham-hf train"):
+        resolve_model(None, tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- predict, push, export
+
+
+def test_predict_cli_skips_unreadable_files(tmp_path, tiny_model, caplog):
+    caplog.set_level("INFO")
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for p in EXAMPLES[:3]:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(EXAMPLES[3], folder / "sub" / EXAMPLES[3].name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(folder), str(EXAMPLES[5]), "--model", str(tiny_model), "--output", str(out),
+                 "--tta"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5
+    assert [k for k in rows[0] if k.startswith("prob_")] == [f"prob_{c}" for c in CLASS_CODES]
+    assert all(abs(sum(float(r[f"prob_{c}"]) for c in CLASS_CODES) - 1) < 1e-4 for r in rows)
+    assert "broken.jpg" in caplog.text and "skipped 1 unreadable" in caplog.text
+
+
+def test_push_uploads_the_model_files(tiny_model, monkeypatch, caplog):
+    from huggingface_hub import HfApi, ModelCard
+
+    secret = "hf_secret_token_never_logged"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.update(repo=repo_id, create=kw) or f"https://hf.co/{repo_id}")
+
+    def upload(self, **kw):
+        root = Path(kw["folder_path"])  # a staging folder, gone after the call: read it now
+        calls.update(upload=kw, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()},
+                     card=ModelCard.load(root / "README.md"))
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    assert main(["push", "--model", str(tiny_model), "--repo-id", "me/ham-tiny", "--private"]) == 0
+    assert calls["repo"] == "me/ham-tiny" and calls["create"]["private"] is True
+    assert calls["upload"]["repo_id"] == "me/ham-tiny" and calls["upload"]["repo_type"] == "model"
+    files = calls["files"]
+    assert {"config.json", "model.safetensors", "README.md", "all_results.json", "test_confusion_matrix.png",
+            "training_curves.png", "test_metrics.json"} <= files
+    assert not any(f.startswith("checkpoint") or f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert "test_predictions.csv" not in files
+    examples = {f for f in files if f.startswith("examples/")}
+    assert len(examples) == 7
+    card = calls["card"]
+    assert card.data.pipeline_tag == "image-classification" and card.data.eval_results
+    assert [w["src"].rsplit("/", 1)[1] for w in card.data.widget] == sorted(f.split("/")[1] for f in examples)
+    prefix = "https://huggingface.co/me/ham-tiny/resolve/main/examples/"
+    assert all(w["src"].startswith(prefix) for w in card.data.widget)
+    assert secret not in caplog.text
+
+
+def test_push_refuses_a_folder_without_weights(tmp_path, caplog):
+    assert main(["push", "--model", str(tmp_path), "--repo-id", "me/x"]) == 2
+    assert "train a model first" in caplog.text
+
+
+def test_export_cli_writes_onnx(tmp_path, tiny_model):
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(tiny_model), "--output", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    size = json.loads((tiny_model / "config.json").read_text())["pretrained_cfg"]["input_size"][-1]
+    logits = session.run(None, {"pixel_values": np.zeros((3, 3, size, size), np.float32)})[0]
+    assert logits.shape == (3, 7)
+
+
+def test_bundle_halves_the_weights_and_keeps_predictions(tmp_path, tiny_model, clf_torch):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bundled"
+    assert main(["bundle", "--model", str(tiny_model), "--output", str(out)]) == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {str(v.dtype) for k, v in tensors.items() if v.ndim > 1} == {"torch.float16"}
+    running_vars = [v for k, v in tensors.items() if "running_var" in k]
+    assert running_vars and all(str(v.dtype) == "torch.float32" for v in running_vars)
+    assert (out / "README.md").is_file() and not list(out.glob("checkpoint-*"))
+    paths = [str(p) for p in EXAMPLES]
+    np.testing.assert_allclose(Classifier(str(out), backend="torch").predict_proba(paths),
+                               clf_torch.predict_proba(paths), atol=5e-3)
+    np.testing.assert_allclose(_pipeline_probs(out, [Image.open(p) for p in paths]),
+                               clf_torch.predict_proba(paths), atol=5e-3)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def test_grad_cam_map_shape_range_class_and_overlay(tiny_model, ham_dir_ro):
+    from ham_hf.serve.explain import explain, grad_cam, model_view
+
+    clf = Classifier(str(tiny_model), backend="torch")
+    image = str(next(ham_dir_ro.glob("HAM10000_images_part_1/*.jpg")))
+    cam, index = grad_cam(clf, image)
+    size = clf.data_config.size
+    assert cam.shape == (size, size) and cam.dtype == np.float32
+    assert cam.min() >= 0 and cam.max() <= 1 and (cam.max() == 1 or cam.max() == 0)
+    assert index == int(np.argmax(clf.predict_proba([image])[0]))  # the predicted class by default
+    other = (index + 1) % 7
+    assert grad_cam(clf, image, class_index=other)[1] == other
+    overlay, explained = explain(clf, image, class_index=other)
+    assert explained == other and overlay.size == model_view(clf, image).size == (size, size)
+    assert overlay.mode == "RGB"
