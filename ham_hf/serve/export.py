@@ -140,7 +140,8 @@ INT8_METHOD = "MinMax"
 INT8_OPTIONS = {"CalibMovingAverage": True}
 # The cumulative input stride up to which the graph stays float: the stem and the first stage, where
 # the image's fine detail still is (with everything quantized, top-1 agreement with fp32 fell below the
-# gate; research/README.md, "int8 recipe"). The head stays float too (tiny, and it alone sets the temperature-sharpened probabilities).
+# gate; research/README.md, "int8 recipe"). The head stays float too (tiny, and it alone sets the
+# temperature-sharpened probabilities).
 FLOAT_UNTIL_STRIDE = 4
 # Part of the int8 cache key: a change of the recipe above must not reuse an old build.
 INT8_RECIPE = f"{INT8_METHOD}:{sorted(INT8_OPTIONS.items())}:float-stride-{FLOAT_UNTIL_STRIDE}:float-head"
