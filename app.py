@@ -1,4 +1,4 @@
-"""Gradio app: upload a dermatoscopic image, see all 7 class probabilities and a Grad-CAM heat map.
+"""Gradio app: upload a dermatoscopic image, see all 7 class probabilities and where the model looked.
 
     python app.py [--model DIR_OR_HUB_ID] [--port 7860]      # or HAM_MODEL=...; `make demo` runs this
 
@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import html  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -26,8 +27,10 @@ import gradio as gr  # noqa: E402
 from ham_hf.defaults import BUNDLED_MODEL  # noqa: E402
 from ham_hf.errors import ImageError, ModelError  # noqa: E402
 from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name  # noqa: E402
+from ham_hf.serve.batcher import Batcher  # noqa: E402
 from ham_hf.serve.classifier import BACKENDS, Classifier, Prediction, resolve_model  # noqa: E402
-from ham_hf.serve.explain import explain  # noqa: E402
+from ham_hf.serve.explain import overlay, view_of  # noqa: E402
+from ham_hf.serve.uploads import UploadGuard  # noqa: E402
 
 logger = logging.getLogger("ham_hf.app")
 
@@ -35,7 +38,16 @@ REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = BUNDLED_MODEL
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 MAX_UPLOAD_MB = 10
-CONCURRENCY = 2
+# Requests decode their images side by side and their forward passes are batched (ham_hf.serve.batcher):
+# up to MAX_BATCH images share one pass, which on 2 cores answers several times more images a second.
+CONCURRENCY = 16
+MAX_BATCH = 16
+# Waiting requests the queue holds: about 6 s of work at the ~40 answers/s that batching reaches on 2
+# cores, so a crowd of 100 waits instead of being turned away, and a flood is refused rather than left to time out.
+QUEUE_SIZE = 256
+# Uploads: deleted UPLOAD_TTL_S after they arrive (and all of them held within UPLOAD_BUDGET_MB).
+UPLOAD_TTL_S = float(os.environ.get("HAM_UPLOAD_TTL_S", 300))
+UPLOAD_BUDGET_MB = float(os.environ.get("HAM_UPLOAD_BUDGET_MB", 500))
 
 NOTICE = (
     "**Research demo, not a medical device.** It must not be used for diagnosis or treatment decisions. "
@@ -46,6 +58,11 @@ NOTICE = (
 ADVICE = (
     "Upload a **dermatoscopic** image (taken through a dermatoscope), with the lesion centred and filling "
     "most of the frame. Test-time augmentation averages 8 flipped / rotated views (slower, a little steadier)."
+)
+NOT_A_LESION = (
+    "### This does not look like a dermatoscopic image of a skin lesion\n"
+    "The classifier was not trained on such images, so its answer would mean nothing. Upload an image taken "
+    "through a dermatoscope, with the lesion centred (or tick *Show the probabilities anyway*)."
 )
 
 
@@ -61,22 +78,32 @@ def _image_source(payload) -> str | bytes:
         return base64.b64decode(url.split(",", 1)[1])
     if not path:
         raise ImageError("Upload an image first.")
+    if not os.path.isfile(path):
+        raise ImageError("The upload is no longer on the server (uploads are kept for minutes); upload it again.")
     if os.path.getsize(path) > MAX_UPLOAD_MB * 1024 * 1024:
         raise ImageError(f"The file is larger than {MAX_UPLOAD_MB} MB; upload a smaller image.")
     return str(path)
 
 
-NOT_A_LESION = (
-    "### This does not look like a dermatoscopic image of a skin lesion\n"
-    "The classifier was not trained on such images, so its answer would mean nothing. Upload an image taken "
-    "through a dermatoscope, with the lesion centred (or tick *Show the probabilities anyway*)."
-)
+def share(p: float) -> str:
+    """A probability as a share a person reads: "<1%" and ">99%" at the ends, whole percents between."""
+    return "<1%" if p < 0.01 else (">99%" if p > 0.99 else f"{p:.0%}")
 
 
 def verdict(prediction: Prediction, clf: Classifier) -> dict:
     """The guard's machine-readable verdict for API users (None values when the model has no guard)."""
-    return {"in_distribution": prediction.in_distribution, "ood_score": prediction.ood_score,
-            "ood_threshold": clf.guard.threshold if clf.guard is not None else None}
+    score = None if prediction.ood_score is None else round(prediction.ood_score, 1)
+    return {"in_distribution": prediction.in_distribution, "ood_score": score,
+            "ood_threshold": round(clf.guard.threshold, 1) if clf.guard is not None else None}
+
+
+def verdict_sentence(prediction: Prediction) -> str:
+    """The guard's verdict as a sentence."""
+    if prediction.in_distribution is None:
+        return "This model has no out-of-distribution check: it answers for any image."
+    if prediction.in_distribution:
+        return "The image looks like the dermatoscopic images the model was trained on."
+    return "The image does not look like the dermatoscopic images the model was trained on."
 
 
 def describe(prediction: Prediction) -> str:
@@ -84,40 +111,77 @@ def describe(prediction: Prediction) -> str:
     top = prediction.top
     kind = "malignant or pre-malignant" if top in MALIGNANT else "benign"
     return (
-        f"### Most likely: {display_name(top)}, {prediction.probabilities[top]:.0%}\n"
+        f"### Most likely: {display_name(top)}, {share(prediction.probabilities[top])}\n"
         f"{DESCRIPTIONS[top]} Usually considered **{kind}**.\n\n"
-        f"Malignant classes together (akiec, bcc, mel): **{prediction.malignant_probability:.0%}**; "
-        f"benign classes together: **{1 - prediction.malignant_probability:.0%}**.\n\n"
+        f"Malignant classes together (akiec, bcc, mel): **{share(prediction.malignant_probability)}**; "
+        f"benign classes together: **{share(1 - prediction.malignant_probability)}**.\n\n"
         f"_{NOTICE}_"
     )
 
 
+def probability_table(prediction: Prediction) -> str:
+    """All 7 probabilities, most likely first, as HTML bars with readable shares."""
+    rows = sorted(prediction.probabilities.items(), key=lambda kv: -kv[1])
+    return "".join(
+        f'<div class="ham-row"><span>{html.escape(display_name(c))}</span><b>{share(p)}</b>'
+        f'<div class="ham-bar" style="width:{100 * p:.1f}%"></div></div>' for c, p in rows)
+
+
+def model_name(name: str) -> str:
+    """How the page names the model: a Hub id as it is, a local folder by its own name (no server path)."""
+    path = Path(name)
+    return path.name if path.exists() else name
+
+
+CSS = (".ham-row{margin:4px 0}.ham-row span{display:inline-block;min-width:70%}"
+       ".ham-bar{height:6px;background:var(--color-accent);border-radius:3px}")
+
+
 def create_demo(model: str | None = None, classifier: Classifier | None = None, backend: str = "auto") -> gr.Blocks:
-    """Build the Blocks app around one classifier, loaded once."""
+    """Build the Blocks app around one classifier, loaded once, whose forward passes are batched."""
     clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
+    batcher = Batcher(lambda items: clf.answer([d for d, _ in items], [t for _, t in items], cam=True),
+                      max_batch=MAX_BATCH)
+
+    def answer(image, tta):
+        """Decode one upload (a readable error if it cannot be) and get its answer from a shared forward pass."""
+        try:
+            decoded = clf.decode(_image_source(image))
+        except ImageError as exc:
+            logger.info("refused an upload: %s", exc)  # the user's mistake: one line, no traceback
+            raise gr.Error(str(exc), print_exception=False) from None
+        found = batcher((decoded, bool(tta)))
+        return decoded, found, clf.prediction(found)
 
     def predict(image, tta, show_anyway=False):
-        """Classify one image: all 7 probabilities, a description and the guard's verdict.
-
-        An image the guard flags gets a plain message in place of the diagnosis; its probabilities
-        only on request (show_anyway).
-        """
-        try:
-            prediction = clf.predict([_image_source(image)], tta=bool(tta))[0]
-        except ImageError as exc:
-            raise gr.Error(str(exc)) from None
+        """The API: all 7 probabilities, a description and the guard's verdict (probabilities withheld if flagged)."""
+        _, _, prediction = answer(image, tta)
         if prediction.in_distribution is False and not show_anyway:
             return None, NOT_A_LESION, verdict(prediction, clf)
         return prediction.label(), describe(prediction), verdict(prediction, clf)
 
-    def heat_map(image):
-        """Grad-CAM of the predicted class over the model's view of the image."""
-        try:
-            return explain(clf, _image_source(image))[0]
-        except ImageError as exc:
-            raise gr.Error(str(exc)) from None
+    def classify(image, tta, show_anyway=False):
+        """The page: probabilities, description, the guard's sentence and the heat map, from one forward pass."""
+        decoded, found, prediction = answer(image, tta)
+        heat = overlay(view_of(clf, decoded), found.cam) if found.cam is not None else None
+        if prediction.in_distribution is False and not show_anyway:
+            return "", NOT_A_LESION, verdict_sentence(prediction), None
+        return probability_table(prediction), describe(prediction), verdict_sentence(prediction), heat
 
-    with gr.Blocks(title="HAM10000 skin-lesion classifier") as demo:
+    def heat_map(image):
+        """The API: the class activation map of the predicted class over the model's view of the image."""
+        decoded, found, _ = answer(image, False)
+        return overlay(view_of(clf, decoded), found.cam) if found.cam is not None else None
+
+    def clear():
+        """A new upload clears the last answer, so no old diagnosis sits under a new image."""
+        return "", "", "", None
+
+    # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator sets
+    # GRADIO_ANALYTICS_ENABLED=True.
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
+    with gr.Blocks(title="HAM10000 skin-lesion classifier", analytics_enabled=analytics,
+                   delete_cache=(max(1, int(UPLOAD_TTL_S // 2)), max(1, int(UPLOAD_TTL_S)))) as demo:
         gr.Markdown("# Skin-lesion classifier (HAM10000, 7 classes)")
         gr.Markdown(f"> {NOTICE}", elem_id="notice")
         with gr.Row():
@@ -132,22 +196,39 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
                 gr.Markdown(ADVICE)
             with gr.Column():
-                probabilities = gr.Label(num_top_classes=7, label="Probabilities", elem_id="probabilities")
+                probabilities = gr.HTML(label="Probabilities", elem_id="probabilities")
                 description = gr.Markdown(elem_id="description")
-                guard = gr.JSON(label="Out-of-distribution guard", elem_id="guard")
-                cam = gr.Image(type="pil", label="Grad-CAM: where the model looked (predicted class)",
-                               interactive=False, elem_id="gradcam")
+                guard = gr.Markdown(elem_id="guard")
+                cam = gr.Image(type="pil", label="Where the model looked (class activation map, predicted class)",
+                               interactive=False, elem_id="gradcam", format="jpeg")
         if EXAMPLES:
             gr.Examples(examples=[[str(p), False] for p in EXAMPLES], inputs=[image, tta],
                         example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
                         label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
-        gr.Markdown(f"Model: `{clf.name}` · backend {clf.backend} · input {clf.data_config.size} px")
-        event = button.click(predict, [image, tta, show_anyway], [probabilities, description, guard],
-                             api_name="predict",
-                             preprocess=False, concurrency_limit=CONCURRENCY)
-        event.then(heat_map, [image], [cam], api_name="explain", preprocess=False, concurrency_limit=CONCURRENCY)
-    demo.queue(max_size=64, default_concurrency_limit=CONCURRENCY)
+        gr.Markdown(f"Model: `{model_name(clf.name)}` · backend {clf.backend} · input {clf.data_config.size} px")
+        # The API's endpoints, on components the page does not show.
+        api_label, api_verdict = gr.Label(num_top_classes=7, visible=False), gr.JSON(visible=False)
+        api_description, api_heat = gr.Markdown(visible=False), gr.Image(type="pil", visible=False, format="jpeg")
+        image.change(clear, None, [probabilities, description, guard, cam], queue=False, api_visibility="private")
+        button.click(classify, [image, tta, show_anyway], [probabilities, description, guard, cam],
+                     api_name="classify", preprocess=False)
+        gr.Button(visible=False).click(predict, [image, tta, show_anyway], [api_label, api_description, api_verdict],
+                                       api_name="predict", preprocess=False)
+        gr.Button(visible=False).click(heat_map, [image], [api_heat], api_name="explain", preprocess=False)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    demo.ham_batcher = batcher  # its count of forward passes, for tests and benchmarks
     return demo
+
+
+def launch(demo: gr.Blocks, **options):
+    """Serve the demo as the project does: upload cap, image-only uploads within a budget, no run history."""
+    from starlette.middleware import Middleware
+
+    guard = Middleware(UploadGuard, max_age_s=UPLOAD_TTL_S, max_total_mb=UPLOAD_BUDGET_MB)
+    defaults = {"max_file_size": f"{MAX_UPLOAD_MB}mb", "app_kwargs": {"middleware": [guard]}, "css": CSS,
+                # Run history keeps patients' images and answers in the browser: off unless the operator asks.
+                "run_history": os.environ.get("HAM_RUN_HISTORY", "0") == "1", "footer_links": ["api", "settings"]}
+    return demo.launch(**{**defaults, **options})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         logger.error("%s", exc)
         return 2
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=f"{MAX_UPLOAD_MB}mb")
+    launch(demo, server_name=args.host, server_port=args.port)
     return 0
 
 

@@ -64,14 +64,15 @@ def options_given(argv: list[str], parsed) -> dict:
     return given
 
 
-def parse(argv: list[str], *dataclass_types, defaults: list[str] | None = None):
+def parse(argv: list[str], *dataclass_types, defaults: list[str] | None = None, usage: str | None = None):
     """Parse argv into the given dataclasses with HfArgumentParser; a leading config.json supplies defaults.
 
-    `defaults` (options) come first, so the config file and then the command line override them.
+    `defaults` (options) come first, so the config file and then the command line override them;
+    `usage` replaces the generated usage line of `--help`.
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, usage=usage)
     if argv and argv[0].endswith(".json"):
         argv = json_to_argv(argv[0]) + argv[1:]
     return parser.parse_args_into_dataclasses(args=[*(defaults or []), *argv])
@@ -211,26 +212,41 @@ class PredictArguments:
                 "onnx or torch.", "choices": ["auto", "onnx-int8", "onnx", "torch"]})
 
 
+PREDICT_USAGE = """ham-hf predict PATHS... --model MODEL [--output predictions.csv] [options]
+
+PATHS are image files and folders (searched recursively for JPEG, PNG, HEIC, WebP, TIFF, BMP and
+GIF files); unreadable files are reported and skipped. One CSV row per image: all 7 probabilities,
+the benign / malignant grouping and the out-of-distribution guard's verdict."""
+
+
 def cmd_predict(argv: list[str]) -> int:
     """Predict image files and folders into a CSV; unreadable files are reported and skipped."""
     import csv
+    import os
+    from pathlib import Path
 
     from ham_hf.serve.classifier import Classifier, list_images, predict_files
 
     split_at = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
-    paths, (args,) = argv[:split_at], parse(argv[split_at:], PredictArguments)
+    paths, (args,) = argv[:split_at], parse(argv[split_at:], PredictArguments, usage=PREDICT_USAGE)
     files = list_images(paths)
     if not files:
         logger.error("no images given: ham-hf predict PATHS... --model MODEL (files or folders)")
         return 2
     rows, skipped = predict_files(Classifier(args.model, backend=args.backend), files, args.batch_size, args.tta)
-    if rows:
-        with open(args.output, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    logger.info("wrote %d predictions to %s; skipped %d unreadable file(s)", len(rows), args.output, len(skipped))
-    return 0 if rows else 1
+    output = Path(args.output)
+    if not rows:  # an old CSV from an earlier run must not pass for this run's answer
+        output.unlink(missing_ok=True)
+        logger.error("no image could be read (%d skipped): nothing written to %s", len(skipped), output)
+        return 1
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    with partial.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(output)  # whole or not at all
+    logger.info("wrote %d predictions to %s; skipped %d unreadable file(s)", len(rows), output, len(skipped))
+    return 0
 
 
 @dataclass

@@ -48,8 +48,9 @@ def load_model(name_or_path: str, image_size: int | None = None, random_init: bo
     config.label_descriptions = dict(LONG_NAMES)  # not ImageNet's 1,000 descriptions
     config.num_labels = len(CLASS_CODES)
     config.id2label, config.label2id = id2label(), label2id()
-    # timm's own save_for_hf records num_classes in model_args too; it would clash with ours.
-    config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"} or None
+    # timm's own save_for_hf records num_classes in model_args too; it would clash with ours. A dict, even
+    # empty: saved as null, timm.create_model("hf-hub:..." / "local-dir:...") fails on it.
+    config.model_args = {k: v for k, v in (config.model_args or {}).items() if k != "num_classes"}
     if image_size:
         cfg = dict(config.pretrained_cfg or {})
         cfg["input_size"] = (3, image_size, image_size)
@@ -108,9 +109,16 @@ def head(model) -> nn.Module:
 
 def features_and_logits(model, pixel_values):
     """Pooled penultimate features (what the head reads) and the logits, from one forward pass."""
+    _, features, logits = forward_all(model, pixel_values)
+    return features, logits
+
+
+def forward_all(model, pixel_values):
+    """The last feature map, the pooled features the head reads and the logits, from one forward pass."""
     net = model.timm_model
-    features = net.forward_head(net.forward_features(pixel_values), pre_logits=True)
-    return features, head(model)(features)
+    feature_map = net.forward_features(pixel_values)
+    features = net.forward_head(feature_map, pre_logits=True)
+    return feature_map, features, head(model)(features)
 
 
 def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -65,13 +65,16 @@ def load_rgb(source, reduce_to: int | None = None) -> Image.Image:
     if isinstance(source, Image.Image):
         img = source
     else:
-        img = open_image(source)
+        img = open_image(source)  # size and shape checked before any pixel is decoded
         if reduce_to and img.format == "JPEG" and min(img.size) > 4 * reduce_to:
             img.draft("RGB", (2 * reduce_to, 2 * reduce_to))
         try:
             img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"the image file is damaged or incomplete ({exc}).") from None
+        if reduce_to and min(img.size) > 4 * reduce_to and img.mode in ("L", "LA", "RGB", "RGBA", "I", "F"):
+            # Every copy below scales with the image: shrink a large decode first (box filter, like the draft).
+            img = img.reduce(min(img.size) // (2 * reduce_to))
     if img.width < 1 or img.height < 1:
         raise ImageError("the image is empty (zero pixels).")
     img = ImageOps.exif_transpose(img)

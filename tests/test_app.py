@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,7 @@ def served(tiny_model, tmp_path_factory):
 
     os.environ.setdefault("HAM_HF_CACHE", str(tmp_path_factory.mktemp("ham_hf_cache")))
     demo = app.create_demo(classifier=Classifier(str(tiny_model)))
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True,
-                max_file_size=f"{app.MAX_UPLOAD_MB}mb")
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     yield demo.local_url
     demo.close()
 
@@ -70,7 +70,8 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
     cut.write_bytes(good[: len(good) // 3])
     bomb = tmp_path / "bomb.png"
     Image.new("1", (12_000, 12_000)).save(bomb)
-    return {"not an image": text, "damaged or incomplete": cut, "too large to decode safely": bomb}
+    # A file that is no image at all is refused at upload (415, "Only image files ..."), before it is kept.
+    return {"415|Only image files": text, "damaged or incomplete": cut, "too large to decode safely": bomb}
 
 
 def test_bad_uploads_get_readable_errors_and_the_app_keeps_serving(client, tmp_path):
@@ -153,7 +154,7 @@ def test_real_browser_non_lesion_upload_reads_the_message(bundled_model, tmp_pat
     from playwright.sync_api import expect, sync_playwright
 
     demo = app.create_demo(classifier=Classifier(str(bundled_model), backend="torch"))
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     square = tmp_path / "blue-square.png"
     Image.new("RGB", (400, 400), (30, 60, 220)).save(square)
     try:
@@ -193,5 +194,111 @@ def test_real_browser_upload_and_read_probabilities(served, real_images, tmp_pat
             shown = [display_name(c) for c in CLASS_CODES if display_name(c) in text]
             assert len(shown) == 7, text
             expect(page.locator("#description")).to_contain_text("Most likely", timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_shares_read_as_a_person_reads_them():
+    assert [app.share(p) for p in (0.0, 0.004, 0.01, 0.5, 0.99, 0.996, 1.0)] == \
+        ["<1%", "<1%", "1%", "50%", "99%", ">99%", ">99%"]
+
+
+def test_privacy_defaults_telemetry_off_no_run_history_no_server_path(served):
+    import httpx
+
+    config = httpx.get(f"{served}config", timeout=30).json()
+    assert config.get("analytics_enabled") is False and config.get("run_history") is False
+    assert str(Path(app.__file__).resolve().parent) not in json.dumps(config)  # no absolute server path
+
+
+def test_concurrent_requests_share_forward_passes(tiny_model, real_images):
+    """Many users at once: every request answered, in fewer forward passes than requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    demo = app.create_demo(classifier=Classifier(str(tiny_model), backend="torch"))
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        clients = [Client(demo.local_url, verbose=False) for _ in range(8)]
+        files = [str(p) for p in real_images.values()] + [str(p) for p in app.EXAMPLES]
+
+        def ask(k):
+            return [clients[k].predict(handle_file(files[(k + i) % len(files)]), False, api_name="/predict")
+                    for i in range(4)]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = [a for batch in pool.map(ask, range(8)) for a in batch]
+        assert len(answers) == 32 and all(len(label["confidences"]) == 7 for label, _, _ in answers)
+        assert demo.ham_batcher.batches < 32
+    finally:
+        demo.close()
+
+
+def test_uploads_are_images_only_and_stay_within_the_budget(tiny_model, tmp_path, monkeypatch):
+    """Through the real upload route: a text file is refused, and 12 uploads of ~0.8 MB keep under a 2 MB budget."""
+    import httpx
+
+    monkeypatch.setattr(app, "UPLOAD_BUDGET_MB", 2)
+    demo = app.create_demo(classifier=Classifier(str(tiny_model), backend="torch"))
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        url = f"{demo.local_url}gradio_api/upload"
+        refused = httpx.post(url, files={"files": ("notes.jpg", b"not an image", "image/jpeg")}, timeout=30)
+        assert refused.status_code == 415 and "Only image files" in refused.text
+        stored = []
+        for i in range(12):
+            f = tmp_path / f"{i}.bmp"
+            Image.new("RGB", (520, 520), (i * 20, 80, 60)).save(f)
+            stored += httpx.post(url, files={"files": (f.name, f.read_bytes(), "image/bmp")}, timeout=30).json()
+            on_disk = sum(Path(p).stat().st_size for p in stored if Path(p).exists())
+            assert on_disk <= 2 * 2**20, on_disk
+        assert Path(stored[-1]).exists() and not Path(stored[0]).exists()
+    finally:
+        demo.close()
+
+
+def test_heic_uploads_are_classified(client, tmp_path):
+    from gradio_client import handle_file
+
+    photo = tmp_path / "iphone.heic"
+    Image.open(app.EXAMPLES[3]).convert("RGB").save(photo)
+    label, _, _ = client.predict(handle_file(str(photo)), False, api_name="/predict")
+    assert len(label["confidences"]) == 7
+
+
+def test_expected_user_errors_are_one_log_line(client, tmp_path, caplog):
+    from gradio_client import handle_file
+
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(app.EXAMPLES[0].read_bytes()[: len(app.EXAMPLES[0].read_bytes()) // 3])
+    with caplog.at_level("INFO"):
+        with pytest.raises(Exception, match="damaged or incomplete"):
+            client.predict(handle_file(str(cut)), False, api_name="/predict")
+    lines = [r for r in caplog.records if "damaged or incomplete" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None and "Traceback" not in caplog.text
+
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_a_new_upload_clears_the_old_answer(served, real_images, tmp_path):
+    """After a diagnosis, a new upload that cannot be read leaves no old diagnosis under it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    good, cut = tmp_path / "lesion.jpg", tmp_path / "cut.jpg"
+    shutil.copy(real_images["mel"], good)
+    cut.write_bytes(good.read_bytes()[:2000])
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            page.goto(served)
+            page.locator("#image input[type=file]").set_input_files(str(good))
+            page.locator("#classify").click()
+            expect(page.locator("#description")).to_contain_text("Most likely", timeout=30_000)
+            page.locator("#image input[type=file]").set_input_files(str(cut))
+            page.locator("#classify").click()
+            expect(page.locator("#description")).not_to_contain_text("Most likely", timeout=30_000)
+            expect(page.locator("#probabilities")).not_to_contain_text("%")
         finally:
             browser.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from ham_hf import model as model_lib
-from ham_hf.transforms import AugmentArguments, Preprocess, decode_images
+from ham_hf.transforms import AugmentArguments, Preprocess, decode_images, load_rgb
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,61 @@ def test_framed_real_lesions_are_kept_and_read_like_the_unframed(bundled_model, 
     framed = clf.predict([_framed(im, 0.42) for im in images])  # without the crop: 1% kept, accuracy 0.19
     assert np.mean([p.in_distribution for p in framed]) >= 0.95
     assert np.mean([a.top == b.top for a, b in zip(plain, framed)]) >= 0.75
+
+
+def test_a_thin_image_is_refused_before_it_costs_memory(tmp_path):
+    """A 1 x 10,000 PNG (a few hundred bytes) is refused by the one rule every decoder shares, with a reason."""
+    from ham_hf.errors import ImageError
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1, 10_000), (200, 150, 120)).save(thin)
+    assert thin.stat().st_size < 2_000
+    with pytest.raises(ImageError, match="too thin to show a lesion"):
+        load_rgb(str(thin), reduce_to=256)
+    with pytest.raises(ImageError, match="too thin"):
+        load_rgb(thin.read_bytes())
+    ok = tmp_path / "wide.png"  # 10:1 is still an image
+    Image.new("RGB", (1_000, 100), (200, 150, 120)).save(ok)
+    assert load_rgb(str(ok)).size == (1_000, 100)
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from ham_hf.errors import ImageError
+from ham_hf.transforms import load_rgb, resize_square
+resize_square(load_rgb(sys.argv[1], 256), 256, "bilinear")  # imports and a small image first
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    resize_square(load_rgb(sys.argv[2], 256), 256, "bilinear")
+    outcome = "decoded"
+except ImageError as exc:
+    outcome = "refused: " + str(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, outcome)
+"""
+
+
+@pytest.mark.parametrize("shape", ["1x20000 PNG", "20000x2000 PNG", "5000x4000 PNG", "4032x3024 RGBA PNG",
+                                   "8000x8000 JPEG", "10000x1000 PNG"])
+def test_one_upload_costs_at_most_about_100_mb_whatever_its_shape(tmp_path, shape):
+    """Peak memory of decoding one image (what the app, the API and `predict` do), measured in a fresh process."""
+    import subprocess
+    import sys
+
+    size, kind = shape.split(" ", 1)
+    w, h = map(int, size.split("x"))
+    path = tmp_path / ("big.jpg" if "JPEG" in kind else "big.png")
+    mode = "RGBA" if "RGBA" in kind else "RGB"
+    img = Image.new(mode, (w, h), (180, 120, 100, 255)[: len(mode)])
+    img.save(path, quality=90) if "JPEG" in kind else img.save(path)
+    del img
+    small = tmp_path / "small.jpg"
+    Image.new("RGB", (200, 150), (180, 120, 100)).save(small)
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(small), str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    extra_mb, outcome = done.stdout.split(" ", 1)
+    assert float(extra_mb) < 110, f"{shape}: {extra_mb} MB ({outcome.strip()})"
+    if shape.startswith(("1x", "20000x", "5000x")):  # too thin; too many pixels decoded at full size
+        assert outcome.startswith("refused"), outcome
+    else:
+        assert outcome.startswith("decoded"), outcome

@@ -29,7 +29,6 @@ from ham_hf.data.readers import (  # noqa: F401 (the data stage's public names)
 )
 from ham_hf.data.schema import (  # noqa: F401
     DUPLICATES_FILE,
-    IMAGE_SUFFIXES,
     METADATA_COLUMNS,
     METADATA_FILE,
     SPLIT_FILE,
@@ -47,6 +46,7 @@ from ham_hf.data.split import (  # noqa: F401
     write_split_file,
 )
 from ham_hf.errors import DataError
+from ham_hf.images import IMAGE_SUFFIXES  # noqa: F401 (the data stage's public names)
 
 logger = logging.getLogger(__name__)
 

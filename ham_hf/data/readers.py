@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from ham_hf.data.schema import IMAGE_SUFFIXES, ISIC2018_COLUMNS, METADATA_COLUMNS, METADATA_FILE, _listing, features
+from ham_hf.data.schema import ISIC2018_COLUMNS, METADATA_COLUMNS, METADATA_FILE, _listing, features
 from ham_hf.errors import DataError
-from ham_hf.images import open_image
+from ham_hf.images import IMAGE_SUFFIXES, open_image
 from ham_hf.labels import CLASS_CODES
 from ham_hf.repo_ids import is_hub_id
 

@@ -11,7 +11,6 @@ from typing import Iterable
 from ham_hf.labels import CLASS_CODES
 
 SPLITS = ("train", "validation", "test")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 METADATA_FILE = "HAM10000_metadata.csv"
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 ISIC2018_COLUMNS = ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")

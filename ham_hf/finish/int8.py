@@ -30,7 +30,7 @@ def _onnx_outputs(path: Path, batches) -> tuple[np.ndarray, np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    outs = [session.run(None, {"pixel_values": b}) for b in batches]
+    outs = [session.run(["logits", "features"], {"pixel_values": b}) for b in batches]
     return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ham_hf import model as model_lib
 from ham_hf.errors import ImageError, ModelError
+from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
 from ham_hf.metrics import softmax
 from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, load_rgb, resize_square, tta_views
@@ -60,6 +61,29 @@ class Prediction:
         return {display_name(c): p for c, p in self.probabilities.items()}
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What one forward pass says of one image: its 7 probabilities, the guard's score, the heat map."""
+
+    probs: np.ndarray
+    ood_score: float | None = None
+    cam: np.ndarray | None = None  # class activation map of the top class, in [0, 1] at the feature map's size
+
+
+def class_activation_map(feature_map: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """CAM (Zhou et al., 2016): the head's weights of one class times the last feature map, in [0, 1].
+
+    For a network that pools globally before one linear layer this is Grad-CAM at the last stage
+    (the gradient of the class logit is those weights over the map's area), without a backward pass.
+    None for a feature map that is not (channels, height, width).
+    """
+    if feature_map.ndim != 3:
+        return None
+    cam = np.maximum(np.tensordot(weight, feature_map, axes=(0, 0)), 0)
+    top = cam.max()
+    return (cam / top if top > 0 else cam).astype(np.float32)
+
+
 def resolve_model(explicit: str | None, default_dir: str | Path | None) -> str:
     """Pick the model: explicit value, else HAM_MODEL, else the bundled default folder; explain if none."""
     chosen = explicit or os.environ.get("HAM_MODEL")
@@ -94,6 +118,8 @@ class Classifier:
                              f"(pickled checkpoints are refused) ({exc})") from None
         self.model = self.model.float().eval().to(self.device).to(memory_format=torch.channels_last)
         self.data_config = model_lib.data_config(self.model)
+        # The head's weight (classes x features): with the last feature map, the class activation maps.
+        self.head_weight = model_lib.head(self.model).weight.detach().float().cpu().numpy()
         self.preprocess = Preprocess(self.data_config).to(self.device)
         self.guard = self._load_guard(name_or_path)
         self.backend = self._choose_backend(backend)
@@ -137,6 +163,8 @@ class Classifier:
             return "torch"
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        if os.environ.get("HAM_ORT_SPIN", "1") == "0":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if backend in ("auto", "onnx-int8"):
             reason = self._int8_refusal() if backend == "auto" else None
             if reason is None:
@@ -175,37 +203,46 @@ class Classifier:
                     f"{fidelity.get('balanced_accuracy_fp32', float('nan')):.4f}")
         return None
 
+    def decode(self, image) -> torch.Tensor:
+        """One image (path, bytes or PIL) as the model's uint8 HWC square at its eval resize (bounded, checked)."""
+        dc = self.data_config
+        return torch.from_numpy(resize_square(load_rgb(image, dc.resize), dc.resize, dc.interpolation))
+
     def images_to_tensor(self, images: Sequence) -> torch.Tensor:
         """Decode and preprocess images (paths, bytes or PIL) into a normalised batch on the device."""
-        dc = self.data_config
         if len(images) == 1:  # the app's path: no thread pool
-            cached = torch.from_numpy(resize_square(load_rgb(images[0], dc.resize), dc.resize, dc.interpolation))[None]
+            cached = self.decode(images[0])[None]
         else:
+            dc = self.data_config
             cached = decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images)))
         return self.preprocess(cached.to(self.device), train=False)
 
     @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> tuple[np.ndarray, ...]:
+        """Run the model on a preprocessed batch: float64 logits, pooled features (and the last feature map)."""
+        if self.backend.startswith("onnx"):
+            names = ["logits", "features", "feature_map"] if feature_map else ["logits", "features"]
+            outs = self._session.run(names, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
+            return (outs[0].astype(np.float64), *outs[1:])
+        fmap, features, logits = model_lib.forward_all(self.model, pixel_values)
+        outs = (logits.double().cpu().numpy(), features.float().cpu().numpy())
+        return (*outs, fmap.float().cpu().numpy()) if feature_map else outs
+
     def logits_and_features(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Run the model on a preprocessed batch; return float64 logits and the pooled features."""
-        if self.backend.startswith("onnx"):
-            logits, features = self._session.run(None, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
-            return logits.astype(np.float64), features
-        features, logits = model_lib.features_and_logits(self.model, pixel_values)
-        return logits.double().cpu().numpy(), features.float().cpu().numpy()
+        return self.forward(pixel_values)
 
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Run the model on a preprocessed batch; return float64 logits."""
-        return self.logits_and_features(pixel_values)[0]
+        return self.forward(pixel_values)[0]
 
     def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
-        x = self.images_to_tensor(images)
-        logits, features = self.logits_and_features(tta_views(x) if tta else x)
-        probs = softmax(logits)
-        if tta:
-            probs = probs.reshape(TTA_VIEWS, len(images), -1).mean(axis=0)
-            features = features[: len(images)]  # the guard scores the image as given (the first view)
-        return probs, (self.guard.score(features) if self.guard is not None else None)
+        answers = self.answer([self.decode(im) for im in images] if len(images) == 1 else
+                              list(decode_images(list(images), self.data_config.resize, self.data_config.interpolation,
+                                                 threads=min(4, len(images)))), tta=tta)
+        probs = np.stack([a.probs for a in answers])
+        return probs, (None if self.guard is None else np.array([a.ood_score for a in answers]))
 
     def predict_proba(self, images: Sequence, tta: bool = False) -> np.ndarray:
         """Return (N, 7) probabilities; with tta, averaged over the 8 flip / 90-degree views."""
@@ -215,6 +252,37 @@ class Classifier:
         """Return one Prediction per image (with the guard's score and verdict when the model has a guard)."""
         probs, scores = self.predict_proba_and_ood(images, tta)
         return [self._prediction(row, None if scores is None else scores[i]) for i, row in enumerate(probs)]
+
+    def answer(self, decoded: Sequence[torch.Tensor], tta: bool | Sequence[bool] = False,
+               cam: bool = False) -> list[Answer]:
+        """Probabilities, guard scores and (with `cam`) class activation maps of decoded images, in one forward pass.
+
+        `decoded` are `decode` outputs; `tta` is one flag for all or one per image (the 8 flip /
+        90-degree views, probabilities averaged). The guard scores, and the map shows, the image as given.
+        """
+        flags = [bool(tta)] * len(decoded) if isinstance(tta, bool) else [bool(f) for f in tta]
+        x = self.preprocess(torch.stack(list(decoded)).to(self.device), train=False)
+        turned = [i for i, f in enumerate(flags) if f]
+        # The other 7 views of the images that asked for them, view-major, after the images themselves.
+        batch = torch.cat([x, tta_views(x[turned])[len(turned):]]) if turned else x
+        outs = self.forward(batch, feature_map=cam)
+        logits, features = outs[0], outs[1]
+        probs, n = softmax(logits), len(decoded)
+        extra = probs[n:].reshape(TTA_VIEWS - 1, len(turned), probs.shape[1]) if turned else None
+        scores = self.guard.score(features[:n]) if self.guard is not None else [None] * n
+        answers, k = [], 0
+        for i in range(n):
+            p = probs[i]
+            if flags[i]:
+                p = (p + extra[:, k].sum(axis=0)) / TTA_VIEWS
+                k += 1
+            heat = class_activation_map(outs[2][i], self.head_weight[int(p.argmax())]) if cam else None
+            answers.append(Answer(p, None if scores[i] is None else float(scores[i]), heat))
+        return answers
+
+    def prediction(self, answer: Answer) -> Prediction:
+        """The Prediction of one `answer`."""
+        return self._prediction(answer.probs, answer.ood_score)
 
     def _prediction(self, probs: np.ndarray, score: float | None) -> Prediction:
         """Wrap one row of probabilities and its OOD score."""
@@ -226,8 +294,6 @@ class Classifier:
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders (recursively) into a sorted list of image files."""
-    from ham_hf.data import IMAGE_SUFFIXES
-
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():

@@ -24,21 +24,22 @@ logger = logging.getLogger(__name__)
 
 
 # Bumped when the graph's outputs change, so cached exports of older graphs are not reused.
-GRAPH_VERSION = "logits+features"
+GRAPH_VERSION = "logits+features+feature_map(identity)"
+OUTPUTS = ("logits", "features", "feature_map")
 
 
-class _LogitsAndFeatures(nn.Module):
-    """Wrap the transformers model so the graph maps pixel_values to logits and the pooled features."""
+class _Outputs(nn.Module):
+    """Wrap the transformers model so the graph maps pixel_values to logits, pooled features and the feature map."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from ham_hf.model import features_and_logits
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ham_hf.model import forward_all
 
-        features, logits = features_and_logits(self.model, pixel_values)
-        return logits, features
+        feature_map, features, logits = forward_all(self.model, pixel_values)
+        return logits, features, feature_map
 
 
 def weights_digest(model, size: int) -> str:
@@ -51,7 +52,7 @@ def weights_digest(model, size: int) -> str:
 
 
 def export_onnx(model, size: int, path: str | Path) -> Path:
-    """Write the model as ONNX (float32, dynamic batch; outputs logits and features) to path, atomically."""
+    """Write the model as ONNX (float32, dynamic batch; OUTPUTS) to path, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -59,12 +60,32 @@ def export_onnx(model, size: int, path: str | Path) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(_LogitsAndFeatures(model), (dummy,), str(tmp), input_names=["pixel_values"],
-                          output_names=["logits", "features"], dynamo=False,
-                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+        torch.onnx.export(_Outputs(model), (dummy,), str(tmp), input_names=["pixel_values"],
+                          output_names=list(OUTPUTS), dynamo=False,
+                          dynamic_axes={name: {0: "batch"} for name in ("pixel_values", *OUTPUTS)})
+    _map_through_identity(tmp)
     tmp.replace(path)
     logger.info("exported ONNX model to %s", path)
     return path
+
+
+def _map_through_identity(path: Path) -> None:
+    """Give the feature map its own Identity output, so the tensor inside keeps the name int8 ranges know it by.
+
+    The exporter names a graph output after the output itself ("feature_map"), which would rename the
+    last stage's activation; int8 ranges measured on a graph without that output name it
+    "<node>_output_0", as the exporter names every inner tensor.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    producer = next(n for n in model.graph.node if "feature_map" in n.output)
+    inner = f"{producer.name}_output_0"
+    producer.output[list(producer.output).index("feature_map")] = inner
+    for node in model.graph.node:
+        node.input[:] = [inner if name == "feature_map" else name for name in node.input]
+    model.graph.node.append(onnx.helper.make_node("Identity", [inner], ["feature_map"], name="/feature_map/Identity"))
+    onnx.save(model, str(path))
 
 
 def cache_dir() -> Path:

@@ -313,3 +313,78 @@ def test_grad_cam_map_shape_range_class_and_overlay(tiny_model, ham_dir_ro):
     overlay, explained = explain(clf, image, class_index=other)
     assert explained == other and overlay.size == model_view(clf, image).size == (size, size)
     assert overlay.mode == "RGB"
+
+
+def test_class_activation_map_is_grad_cam_without_a_backward_pass(tiny_model):
+    """For global pooling before one linear head, CAM equals Grad-CAM at the last stage; ONNX gives the same map."""
+    from ham_hf.serve.explain import class_activation, explain, grad_cam
+
+    image = str(EXAMPLES[4])
+    torch_clf = Classifier(str(tiny_model), backend="torch")
+    for index in range(len(CLASS_CODES)):
+        cam, got = class_activation(torch_clf, image, index)
+        reference, _ = grad_cam(torch_clf, image, index)
+        assert got == index and cam.shape == reference.shape
+        if reference.max() > 0:  # both scaled to [0, 1]; Grad-CAM also subtracts its minimum
+            lo = cam.min()
+            np.testing.assert_allclose((cam - lo) / (cam.max() - lo), reference, atol=1e-4)
+    onnx_clf = Classifier(str(tiny_model), backend="onnx")
+    decoded = onnx_clf.decode(image)
+    answer_onnx = onnx_clf.answer([decoded], cam=True)[0]
+    answer_torch = torch_clf.answer([decoded], cam=True)[0]
+    np.testing.assert_allclose(answer_onnx.cam, answer_torch.cam, atol=1e-3)
+    assert explain(onnx_clf, image)[1] == int(np.argmax(answer_onnx.probs))
+
+
+def test_answer_batches_mixed_test_time_augmentation_as_single_calls_do(clf_torch):
+    """One forward pass for images with and without TTA gives each what its own call would."""
+    decoded = [clf_torch.decode(str(p)) for p in EXAMPLES[:3]]
+    together = clf_torch.answer(decoded, [False, True, False])
+    for d, flag, got in zip(decoded, (False, True, False), together):
+        np.testing.assert_allclose(got.probs, clf_torch.answer([d], flag)[0].probs, atol=1e-5)
+    np.testing.assert_allclose(together[1].probs, clf_torch.predict_proba([str(EXAMPLES[1])], tta=True)[0], atol=1e-5)
+
+
+def test_every_folder_the_product_writes_loads_in_timm_with_the_pipeline_s_answer(tmp_path, tiny_model):
+    """`timm.create_model("local-dir:...")`, as the Hub offers for library_name timm, loads the folders we write."""
+    import timm
+    import torch
+
+    bundled = tmp_path / "bundled"
+    assert main(["bundle", "--model", str(tiny_model), "--output_dir", str(bundled)]) == 0
+    folders = [tiny_model, bundled]
+    from ham_hf.defaults import BUNDLED_MODEL
+
+    if (BUNDLED_MODEL / "model.safetensors").is_file():
+        folders.append(BUNDLED_MODEL)
+    images = [Image.open(p).convert("RGB") for p in EXAMPLES]
+    for folder in folders:
+        assert json.loads((folder / "config.json").read_text()).get("model_args") is not None, folder
+        net = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        assert net.pretrained_cfg["label_names"] == list(CLASS_CODES) and net.num_classes == 7
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=net))
+        with torch.no_grad():
+            top = net(torch.stack([transform(im) for im in images])).argmax(1).tolist()
+        assert top == [int(np.argmax(row)) for row in _pipeline_probs(folder, images)], folder
+
+
+def test_predict_reads_every_type_the_app_takes_documents_paths_and_leaves_no_stale_csv(tmp_path, tiny_model,
+                                                                                        capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    src = Image.open(EXAMPLES[0]).convert("RGB")
+    src.save(folder / "a.gif")
+    src.save(folder / "b.heic")
+    src.save(folder / "c.webp")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(folder), "--model", str(tiny_model), "--output", str(out)]) == 0
+    assert sorted(Path(r["path"]).name for r in csv.DictReader(out.open())) == ["a.gif", "b.heic", "c.webp"]
+    # Every file unreadable: the CSV of the run before must not stay behind as if it were this run's.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"not an image")
+    assert main(["predict", str(bad), "--model", str(tiny_model), "--output", str(out)]) == 1
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "PATHS are image files and folders" in capsys.readouterr().out
