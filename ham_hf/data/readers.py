@@ -202,6 +202,35 @@ def read_imagefolder(data_dir: str | Path):
     return _build(rows, paths)
 
 
+LABELS_FILE = "metadata.csv"
+
+
+def read_labelled_folder(data_dir: str | Path):
+    """Read a folder of images with a `metadata.csv` of `file,dx` (paths relative to it, or to its `images/`).
+
+    The form external test sets come in (Derm7pt, PH2, ISIC Archive exports): each image its own
+    lesion unless a `lesion_id` column says otherwise; rows with an empty dx (a diagnosis with no
+    HAM10000 class) are left out and counted in the log.
+    """
+    root = Path(data_dir)
+    table = _read_csv(root / LABELS_FILE, ("file", "dx"))
+    kept = [r for r in table if (r.get("dx") or "").strip()]
+    if len(kept) < len(table):
+        logger.info("%s: %d of %d rows have no dx (no HAM10000 class): left out", root, len(table) - len(kept),
+                    len(table))
+    if not kept:
+        raise DataError(f"{root / LABELS_FILE} has no row with a dx ({', '.join(CLASS_CODES)})")
+    # `file` is relative to the folder (or to its images/ sub-folder).
+    index = {r["file"]: next((c for c in (root / r["file"], root / "images" / r["file"]) if c.is_file()), None)
+             for r in kept}
+    paths = _match_images([r["file"] for r in kept], {k: v for k, v in index.items() if v}, root / LABELS_FILE)
+    rows = [{"label": _label_of(r["dx"].strip(), f"{LABELS_FILE} row {r['file']}"), "image_id": Path(r["file"]).stem,
+             "lesion_id": _none_if_empty(r.get("lesion_id")) or Path(r["file"]).stem,
+             "dx_type": _none_if_empty(r.get("dx_type"))} for r in kept]
+    _check_unique([r["image_id"] for r in rows], root)
+    return _build(rows, paths)
+
+
 def from_hub_dataset(raw):
     """Map a loaded dataset (or DatasetDict) with an `image` and a string `dx` column onto the schema."""
     import datasets
@@ -259,17 +288,20 @@ def detect_layout(source: str | Path) -> str:
         return "ham10000"
     if any(path.glob("*GroundTruth*.csv")) or any(p.name.endswith("_Input") for p in path.iterdir() if p.is_dir()):
         return "isic2018"
+    if (path / LABELS_FILE).is_file():
+        return "labelled"
     if any(p.is_dir() for p in path.iterdir() if not p.name.startswith(".")):
         return "imagefolder"
     if not any(path.iterdir()):
         raise DataError(f"data folder {source} is empty")
     raise DataError(
         f"cannot tell the layout of {source}: expected {METADATA_FILE}, an ISIC 2018 *GroundTruth*.csv, "
-        "or one sub-folder per class code"
+        f"a {LABELS_FILE} of file,dx, or one sub-folder per class code"
     )
 
 
-READERS = {"ham10000": read_ham10000, "isic2018": read_isic2018, "imagefolder": read_imagefolder, "hub": read_hub}
+READERS = {"ham10000": read_ham10000, "isic2018": read_isic2018, "labelled": read_labelled_folder,
+           "imagefolder": read_imagefolder, "hub": read_hub}
 
 
 def read_source(source: str | Path):

@@ -157,6 +157,64 @@ class Guard:
         return figures
 
 
+# What a flagged upload most likely is: the probe's classes beside "dermoscopic".
+KINDS = ("dermoscopic", "skin photo", "photo", "document", "medical", "other")
+GREY_SATURATION = 0.08  # HSV saturation under which a pixel counts as grey
+
+
+def colour_stats(rgb: np.ndarray) -> np.ndarray:
+    """(mean HSV saturation, share of grey pixels) of a uint8 RGB image: dermoscopy is a colour photograph."""
+    x = np.asarray(rgb, dtype=np.float32)
+    top, low = x.max(axis=-1), x.min(axis=-1)
+    saturation = (top - low) / np.maximum(top, 1.0)
+    return np.array([saturation.mean(), (saturation < GREY_SATURATION).mean()], dtype=np.float32)
+
+
+@dataclass
+class Probe:
+    """A multinomial logistic regression on the guard's subspace and colour statistics: what kind of image is it?"""
+
+    weight: np.ndarray      # (K, d + 2)
+    bias: np.ndarray        # (K,)
+    scale: np.ndarray       # (d + 2,) standardisation of the inputs
+    offset: np.ndarray      # (d + 2,)
+    kinds: tuple[str, ...]  # class names, "dermoscopic" first
+    min_dermoscopic: float  # P(dermoscopic) below this: flagged
+
+    @staticmethod
+    def inputs(guard: "Guard", features: np.ndarray, colours: np.ndarray) -> np.ndarray:
+        """The probe's inputs: the guard's PCA coordinates and the colour statistics."""
+        mean, projection = guard._float64[:2]
+        return np.c_[(np.asarray(features, dtype=np.float64) - mean) @ projection, np.asarray(colours)]
+
+    @classmethod
+    def fit(cls, guard: "Guard", pos_f, pos_c, neg_f, neg_c, neg_kinds, val_f, val_c, strength: float = 0.1,
+            keep: float = KEEP_QUANTILE) -> "Probe":
+        """Fit on dermoscopic (pos) and labelled non-dermoscopic (neg) images; keep `keep` of validation."""
+        from sklearn.linear_model import LogisticRegression
+
+        x = np.r_[cls.inputs(guard, pos_f, pos_c), cls.inputs(guard, neg_f, neg_c)]
+        offset, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+        y = ["dermoscopic"] * len(pos_f) + list(neg_kinds)
+        kinds = ("dermoscopic", *[k for k in KINDS[1:] if k in set(neg_kinds)])
+        model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
+        model.fit((x - offset) / scale, [kinds.index(k) for k in y])
+        probe = cls(model.coef_.astype(np.float32), model.intercept_.astype(np.float32), scale.astype(np.float32),
+                    offset.astype(np.float32), kinds, 0.0)
+        probe.min_dermoscopic = float(np.quantile(probe.probabilities(guard, val_f, val_c)[:, 0], 1 - keep))
+        return probe
+
+    def probabilities(self, guard: "Guard", features, colours) -> np.ndarray:
+        """(N, K) probabilities of the kinds."""
+        z = (self.inputs(guard, features, colours) - self.offset) / self.scale @ self.weight.T + self.bias
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    def accepts(self, guard: "Guard", features, colours) -> np.ndarray:
+        """Whether each image is dermoscopic enough to answer."""
+        return self.probabilities(guard, features, colours)[:, 0] >= self.min_dermoscopic
+
+
 _CONTROLLER = None
 
 

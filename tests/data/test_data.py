@@ -77,6 +77,26 @@ def test_reads_imagefolder(tmp_path):
     assert Counter(ds["label"]) == {i: 2 for i in range(7)}
 
 
+def test_reads_a_labelled_folder_as_external_sets_come(tmp_path):
+    """A metadata.csv of file,dx (as Derm7pt / PH2 exports come): empty dx left out, a class may be absent."""
+    root = tmp_path / "external"
+    rows = ["file,dx,source_dataset"]
+    for i, code in enumerate(["mel", "nv", "nv", "bcc", "df", ""]):
+        tiny_jpeg(root / "images" / f"x_{i}.jpg", (i * 30, 80, 80), seed=i)
+        rows.append(f"images/x_{i}.jpg,{code},somewhere")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    assert data.detect_layout(root) == "labelled"
+    ds = data.read_source(root)
+    assert len(ds) == 5 and Counter(ds["label"]) == {4: 1, 5: 2, 1: 1, 3: 1}
+    assert ds["lesion_id"] == ds["image_id"]  # each image its own lesion
+    (root / "metadata.csv").write_text("file,dx\nimages/missing.jpg,mel\n")
+    with pytest.raises(data.DataError, match="missing.jpg"):
+        data.read_source(root)
+    (root / "metadata.csv").write_text("file,dx\nimages/x_0.jpg,\n")
+    with pytest.raises(data.DataError, match="no row with a dx"):
+        data.read_source(root)
+
+
 def test_hub_dataset_maps_dx_strings():
     img = Image.new("RGB", (8, 8), (1, 2, 3))
     features = datasets.Features({"image": datasets.Image(), "dx": datasets.Value("string"),
