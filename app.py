@@ -59,11 +59,26 @@ ADVICE = (
     "Upload a **dermatoscopic** image (taken through a dermatoscope), with the lesion centred and filling "
     "most of the frame. Test-time augmentation averages 8 flipped / rotated views (slower, a little steadier)."
 )
-NOT_A_LESION = (
-    "### This does not look like a dermatoscopic image of a skin lesion\n"
-    "The classifier was not trained on such images, so its answer would mean nothing. Upload an image taken "
-    "through a dermatoscope, with the lesion centred (or tick *Show the probabilities anyway*)."
+# What a flagged upload seems to be (the guard's kind), in a sentence; then what to upload instead.
+KIND_MESSAGES = {
+    "skin photo": "This looks like an ordinary photo of skin, not a dermatoscopic image.",
+    "photo": "This looks like an everyday photo, not a dermatoscopic image.",
+    "document": "This looks like a screenshot, chart or document, not a dermatoscopic image.",
+    "medical": "This looks like another kind of medical image (an X-ray, scan, ultrasound or microscope image), "
+               "not a dermatoscopic image.",
+    "greyscale": "This image has no colour, so it is not a dermatoscopic image (those are colour photographs).",
+    "other": "This does not look like a dermatoscopic image of a skin lesion.",
+}
+UPLOAD_INSTEAD = (
+    "The classifier reads only images taken through a dermatoscope (a lit magnifier held on the skin), "
+    "so its answer here would mean nothing. Upload a dermatoscopic image with the lesion centred "
+    "(or tick *Show the probabilities anyway*)."
 )
+
+
+def not_a_lesion(prediction: Prediction) -> str:
+    """The message a flagged upload gets in place of a diagnosis: what it seems to be, and what to upload."""
+    return f"### {KIND_MESSAGES.get(prediction.ood_kind or 'other', KIND_MESSAGES['other'])}\n{UPLOAD_INSTEAD}"
 
 
 def _image_source(payload) -> str | bytes:
@@ -93,7 +108,8 @@ def share(p: float) -> str:
 def verdict(prediction: Prediction, clf: Classifier) -> dict:
     """The guard's machine-readable verdict for API users (None values when the model has no guard)."""
     score = None if prediction.ood_score is None else round(prediction.ood_score, 1)
-    return {"in_distribution": prediction.in_distribution, "ood_score": score,
+    return {"in_distribution": prediction.in_distribution, "kind": prediction.ood_kind,
+            "reason": verdict_sentence(prediction), "ood_score": score,
             "ood_threshold": round(clf.guard.threshold, 1) if clf.guard is not None else None}
 
 
@@ -103,7 +119,7 @@ def verdict_sentence(prediction: Prediction) -> str:
         return "This model has no out-of-distribution check: it answers for any image."
     if prediction.in_distribution:
         return "The image looks like the dermatoscopic images the model was trained on."
-    return "The image does not look like the dermatoscopic images the model was trained on."
+    return KIND_MESSAGES.get(prediction.ood_kind or "other", KIND_MESSAGES["other"])
 
 
 def describe(prediction: Prediction) -> str:
@@ -137,46 +153,54 @@ CSS = (".ham-row{margin:4px 0}.ham-row span{display:inline-block;min-width:70%}"
        ".ham-bar{height:6px;background:var(--color-accent);border-radius:3px}")
 
 
-def create_demo(model: str | None = None, classifier: Classifier | None = None, backend: str = "auto") -> gr.Blocks:
-    """Build the Blocks app around one classifier, loaded once, whose forward passes are batched."""
-    clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
-    batcher = Batcher(lambda items: clf.answer([d for d, _ in items], [t for _, t in items], cam=True),
-                      max_batch=MAX_BATCH)
+class Answers:
+    """What the app answers, around one classifier whose forward passes are batched across requests."""
 
-    def answer(image, tta):
+    def __init__(self, clf: Classifier):
+        self.clf = clf
+        self.batcher = Batcher(lambda items: clf.answer([d for d, _ in items], [t for _, t in items], cam=True),
+                               max_batch=MAX_BATCH)
+
+    def answer(self, image, tta):
         """Decode one upload (a readable error if it cannot be) and get its answer from a shared forward pass."""
         try:
-            decoded = clf.decode(_image_source(image))
+            decoded = self.clf.decode(_image_source(image))
         except ImageError as exc:
             logger.info("refused an upload: %s", exc)  # the user's mistake: one line, no traceback
             raise gr.Error(str(exc), print_exception=False) from None
-        found = batcher((decoded, bool(tta)))
-        return decoded, found, clf.prediction(found)
+        found = self.batcher((decoded, bool(tta)))
+        return decoded, found, self.clf.prediction(found)
 
-    def predict(image, tta, show_anyway=False):
+    def predict(self, image, tta, show_anyway=False):
         """The API: all 7 probabilities, a description and the guard's verdict (probabilities withheld if flagged)."""
-        _, _, prediction = answer(image, tta)
+        _, _, prediction = self.answer(image, tta)
         if prediction.in_distribution is False and not show_anyway:
-            return None, NOT_A_LESION, verdict(prediction, clf)
-        return prediction.label(), describe(prediction), verdict(prediction, clf)
+            return None, not_a_lesion(prediction), verdict(prediction, self.clf)
+        return prediction.label(), describe(prediction), verdict(prediction, self.clf)
 
-    def classify(image, tta, show_anyway=False):
+    def classify(self, image, tta, show_anyway=False):
         """The page: probabilities, description, the guard's sentence and the heat map, from one forward pass."""
-        decoded, found, prediction = answer(image, tta)
-        heat = overlay(view_of(clf, decoded), found.cam) if found.cam is not None else None
+        decoded, found, prediction = self.answer(image, tta)
+        heat = overlay(view_of(self.clf, decoded), found.cam) if found.cam is not None else None
         if prediction.in_distribution is False and not show_anyway:
-            return "", NOT_A_LESION, verdict_sentence(prediction), None
+            return "", not_a_lesion(prediction), verdict_sentence(prediction), None
         return probability_table(prediction), describe(prediction), verdict_sentence(prediction), heat
 
-    def heat_map(image):
+    def heat_map(self, image):
         """The API: the class activation map of the predicted class over the model's view of the image."""
-        decoded, found, _ = answer(image, False)
-        return overlay(view_of(clf, decoded), found.cam) if found.cam is not None else None
+        decoded, found, _ = self.answer(image, False)
+        return overlay(view_of(self.clf, decoded), found.cam) if found.cam is not None else None
 
+    @staticmethod
     def clear():
         """A new upload clears the last answer, so no old diagnosis sits under a new image."""
         return "", "", "", None
 
+
+def create_demo(model: str | None = None, classifier: Classifier | None = None, backend: str = "auto") -> gr.Blocks:
+    """Build the Blocks app around one classifier, loaded once, whose forward passes are batched."""
+    clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
+    answers = Answers(clf)
     # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator sets
     # GRADIO_ANALYTICS_ENABLED=True.
     analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
@@ -209,14 +233,15 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
         # The API's endpoints, on components the page does not show.
         api_label, api_verdict = gr.Label(num_top_classes=7, visible=False), gr.JSON(visible=False)
         api_description, api_heat = gr.Markdown(visible=False), gr.Image(type="pil", visible=False, format="jpeg")
-        image.change(clear, None, [probabilities, description, guard, cam], queue=False, api_visibility="private")
-        button.click(classify, [image, tta, show_anyway], [probabilities, description, guard, cam],
+        image.change(answers.clear, None, [probabilities, description, guard, cam], queue=False,
+                     api_visibility="private")
+        button.click(answers.classify, [image, tta, show_anyway], [probabilities, description, guard, cam],
                      api_name="classify", preprocess=False)
-        gr.Button(visible=False).click(predict, [image, tta, show_anyway], [api_label, api_description, api_verdict],
-                                       api_name="predict", preprocess=False)
-        gr.Button(visible=False).click(heat_map, [image], [api_heat], api_name="explain", preprocess=False)
+        gr.Button(visible=False).click(answers.predict, [image, tta, show_anyway],
+                                       [api_label, api_description, api_verdict], api_name="predict", preprocess=False)
+        gr.Button(visible=False).click(answers.heat_map, [image], [api_heat], api_name="explain", preprocess=False)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
-    demo.ham_batcher = batcher  # its count of forward passes, for tests and benchmarks
+    demo.ham_batcher = answers.batcher  # its count of forward passes, for tests and benchmarks
     return demo
 
 

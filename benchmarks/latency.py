@@ -71,6 +71,13 @@ def main() -> None:
                                                                    files[: max(10, a.n // 4)]))
     except Exception as exc:  # a model without int8 ranges
         logging.info("no int8 figures: %s", exc)
+    if fast.guard is not None:  # what the guard adds to one prediction: colour statistics, score, probe
+        from ham_hf.serve.ood import colour_stats
+
+        decoded = [fast.decode(f) for f in files]
+        features = [fast.forward(fast.preprocess(d[None], train=False))[1] for d in decoded]
+        results["guard per image"] = summary(timed(
+            lambda i: fast.guard.judge(features[i], colour_stats(decoded[i].numpy())[None]), range(len(files))))
     sample = files[:16]
     ref = np.array([[{d["label"]: d["score"] for d in r}[c] for c in CLASS_CODES] for r in stock(sample, top_k=7)])
     results["max_prob_diff_vs_pipeline"] = float(np.abs(fp32.predict_proba(sample) - ref).max())

@@ -155,12 +155,22 @@ class CalibrateArguments:
     logit_adjustment_max_ece: float | None = field(default=None, metadata={
         "help": "With --retune_logit_adjustment: the calibrated validation ECE a tau must meet (default: the "
                 "calibration goal, 0.05; 1: no condition)."})
+    guard_negatives: str | None = field(default=None, metadata={
+        "help": "Real non-dermoscopic images for the guard's kind probe: a folder with a metadata.csv of "
+                "file,category (everyday, skin_clinical, document, medical). Half is fitted on, half reported."})
+    guard_positives: str | None = field(default=None, metadata={
+        "help": "Dermoscopic images from other sources for the kind probe: a folder with a metadata.csv of "
+                "file,dx. Half is fitted on, half reported."})
+    guard_only: bool = field(default=False, metadata={
+        "help": "Refit only the out-of-distribution guard; weights, temperature, reports and int8 stay."})
 
     def __post_init__(self):
         if self.logit_adjustment_max_ece is not None and not 0 < self.logit_adjustment_max_ece <= 1:
             raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece})")
-        if self.int8_only and self.retune_logit_adjustment:
-            raise UserError("--int8_only keeps the weights: it cannot be combined with --retune_logit_adjustment")
+        if (self.int8_only or self.guard_only) and self.retune_logit_adjustment:
+            raise UserError("--int8_only and --guard_only keep the weights: drop --retune_logit_adjustment")
+        if self.int8_only and self.guard_only:
+            raise UserError("--int8_only and --guard_only each refit one part: pass one of them")
 
 
 def cmd_calibrate(argv: list[str]) -> int:
@@ -170,7 +180,8 @@ def cmd_calibrate(argv: list[str]) -> int:
 
     args, split_args = parse(argv, CalibrateArguments, data.SplitArguments)
     calibration.calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only,
-                          args.retune_logit_adjustment, args.logit_adjustment_max_ece)
+                          args.retune_logit_adjustment, args.logit_adjustment_max_ece, guard_only=args.guard_only,
+                          guard_negatives=args.guard_negatives, guard_positives=args.guard_positives)
     return 0
 
 
@@ -186,6 +197,11 @@ class EvaluateArguments:
     batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
     tta: bool = field(default=False, metadata={"help": "Average the probabilities over the 8 flip / rotation views, "
                                                        "as the app's test-time augmentation does."})
+    add_to_card: bool = field(default=False, metadata={
+        "help": "Write the figures into the model folder's card as an external-validation section named after "
+                "--source_name (for labelled images from another source, scored with --split all)."})
+    source_name: str | None = field(default=None, metadata={"help": "How the card names the source (default: the "
+                                                                     "data folder's name)."})
 
 
 def cmd_evaluate(argv: list[str]) -> int:
@@ -194,8 +210,23 @@ def cmd_evaluate(argv: list[str]) -> int:
     from ham_hf.finish import evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
-    evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size,
-                              tta=args.tta)
+    result = evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args,
+                                       args.batch_size, tta=args.tta)
+    if args.add_to_card:
+        import json
+        import shlex
+        from pathlib import Path
+
+        from ham_hf import hub
+
+        if not (Path(args.model) / "README.md").is_file():
+            raise UserError(f"--add_to_card: {args.model} is not a local model folder with a card (README.md)")
+        out = Path(args.output_dir) if args.output_dir else Path(args.model) / f"eval-{args.split}"
+        kept = json.loads((out / "all_results.json").read_text()).get(f"{args.split}_guard_kept")
+        name = args.source_name or Path(args.data).name
+        command = shlex.join(["ham-hf", "evaluate", "--model", "MODEL", "--data", Path(args.data).name,
+                              "--split", args.split])
+        hub.add_external_section(Path(args.model) / "README.md", name, result, kept, command)
     return 0
 
 

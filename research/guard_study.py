@@ -22,6 +22,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ham_hf import data  # noqa: E402
+from ham_hf.finish.guard import source_of  # noqa: E402
 from ham_hf.serve import ood  # noqa: E402
 from ham_hf.serve.classifier import Classifier  # noqa: E402
 from ham_hf.serve.ood import KINDS, Probe, colour_stats  # noqa: E402
@@ -40,15 +41,6 @@ def embed(clf: Classifier, images: list) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(feats), np.asarray(colours)
 
 
-def halves(groups: list[str], seed: int = 0) -> np.ndarray:
-    """A seeded 50/50 split within each group: True = fit half."""
-    rng, fit = np.random.default_rng(seed), np.zeros(len(groups), dtype=bool)
-    for g in sorted(set(groups)):
-        idx = rng.permutation([i for i, x in enumerate(groups) if x == g])
-        fit[idx[: len(idx) // 2]] = True
-    return fit
-
-
 def collect(args) -> dict:
     """Every set's features, colour statistics and groups (cached in args.cache)."""
     if args.cache and Path(args.cache).is_file():
@@ -63,11 +55,11 @@ def collect(args) -> dict:
     for name, images in (("val", [r["image"]["bytes"] for r in dsd["validation"].cast_column("image", _raw())]),
                          ("train", [r["image"]["bytes"] for r in train.cast_column("image", _raw())]),
                          ("package", package),
-                         ("ood", [str(Path(args.ood) / "images" / r["file"]) for r in ood_rows]),
+                         ("ood", [str(Path(args.ood) / r["file"]) for r in ood_rows]),
                          ("ext", [str(Path(args.external) / r["file"]) for r in ext_rows])):
         out[f"{name}_f"], out[f"{name}_c"] = embed(clf, images)
     out["ood_group"] = np.array([r["category"] for r in ood_rows])
-    out["ext_group"] = np.array([r["source_dataset"].split(" ")[0] for r in ext_rows])
+    out["ext_group"] = np.array([source_of(Path(r["file"])) for r in ext_rows])
     out["guard_threshold"] = np.array(clf.guard.threshold)
     if args.cache:
         np.savez(args.cache, **out)
@@ -102,7 +94,8 @@ def main() -> None:
     p.add_argument("--cache", default=None)
     args = p.parse_args()
     d = collect(args)
-    d["ood_fit"], d["ext_fit"] = halves(list(d["ood_group"])), halves(list(d["ext_group"]))
+    d["ext_group"] = np.char.lower(d["ext_group"].astype(str))
+    d["ood_fit"], d["ext_fit"] = ood.halves(d["ood_group"]), ood.halves(d["ext_group"])
     guard = ood.Guard.load(ood.guard_path(args.model))
     maha = {k: guard.score(d[f"{k}_f"]) > guard.threshold for k in ("val", "ood", "ext")}
     report("saved Mahalanobis guard", maha, d)

@@ -86,6 +86,27 @@ def real_ham_dir() -> Path:
     return Path(value)
 
 
+def _beside_ham(name: str) -> Path:
+    """A development folder beside HAM10000_DIR (ood-dev, dermoscopy-external); the test skips without it."""
+    value = os.environ.get("HAM10000_DIR")
+    folder = Path(value).parent / name if value else None
+    if folder is None or not (folder / "metadata.csv").is_file():
+        pytest.skip(f"no {name} folder beside HAM10000_DIR")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ood_dev_dir() -> Path:
+    """Real non-dermoscopic images by category (../shared/data/ood-dev)."""
+    return _beside_ham("ood-dev")
+
+
+@pytest.fixture(scope="session")
+def external_dir() -> Path:
+    """Dermoscopic images from other sources, with diagnoses (../shared/data/dermoscopy-external)."""
+    return _beside_ham("dermoscopy-external")
+
+
 @pytest.fixture(scope="session")
 def real_ham(real_ham_dir):
     """The real HAM10000 read once as an unsplit Dataset."""

@@ -40,7 +40,8 @@ def test_predict_through_gradio_client_on_a_real_image(client, real_images):
     from gradio_client import handle_file
 
     label, description, guard = client.predict(handle_file(str(real_images["mel"])), False, api_name="/predict")
-    assert guard == {"in_distribution": None, "ood_score": None, "ood_threshold": None}  # this model has no guard
+    assert guard == {"in_distribution": None, "kind": None, "ood_score": None, "ood_threshold": None,
+                     "reason": "This model has no out-of-distribution check: it answers for any image."}  # no guard
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == {display_name(c) for c in CLASS_CODES}
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
@@ -112,7 +113,7 @@ def test_guarded_model_answers_non_lesions_with_a_message_and_the_verdict(bundle
     blue = tmp_path / "blue.png"
     Image.new("RGB", (300, 300), (30, 60, 220)).save(blue)
     label, text, verdict = predict(str(blue), False, False)
-    assert label is None and "does not look like a dermatoscopic image" in text
+    assert label is None and "Upload a dermatoscopic image" in text and "Most likely" not in text
     assert verdict["in_distribution"] is False and verdict["ood_score"] > verdict["ood_threshold"]
     label, text, verdict = predict(str(blue), False, True)  # asked for explicitly
     assert len(label) == 7 and "Most likely" in text and verdict["in_distribution"] is False
@@ -148,30 +149,37 @@ def _browser(p):
     )
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_real_browser_non_lesion_upload_reads_the_message(bundled_model, tmp_path):
-    """The bundled model's guard, in a browser: a plain blue square gets the message, not a diagnosis."""
+def _flagged_in_browser(classifier, image: Path, *texts: str) -> None:
+    """Upload `image` in a real browser and read the flagged message: `texts`, and no diagnosis."""
     from playwright.sync_api import expect, sync_playwright
 
-    demo = app.create_demo(classifier=Classifier(str(bundled_model), backend="torch"))
+    demo = app.create_demo(classifier=classifier)
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    square = tmp_path / "blue-square.png"
-    Image.new("RGB", (400, 400), (30, 60, 220)).save(square)
     try:
         with sync_playwright() as p:
             browser = _browser(p)
             try:
                 page = browser.new_page()
                 page.goto(demo.local_url)
-                page.locator("#image input[type=file]").set_input_files(str(square))
+                page.locator("#image input[type=file]").set_input_files(str(image))
                 page.locator("#classify").click()
-                expect(page.locator("#description")).to_contain_text("does not look like a dermatoscopic image",
-                                                                     timeout=60_000)
+                for text in texts:
+                    expect(page.locator("#description")).to_contain_text(text, timeout=60_000)
                 expect(page.locator("#description")).not_to_contain_text("Most likely")
+                expect(page.locator("#probabilities")).not_to_contain_text("%")
             finally:
                 browser.close()
     finally:
         demo.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_non_lesion_upload_reads_the_message(bundled_model, tmp_path):
+    """The bundled model's guard, in a browser: a plain blue square gets the message, not a diagnosis."""
+
+    square = tmp_path / "blue-square.png"
+    Image.new("RGB", (400, 400), (30, 60, 220)).save(square)
+    _flagged_in_browser(Classifier(str(bundled_model), backend="torch"), square, "Upload a dermatoscopic image")
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -302,3 +310,17 @@ def test_real_browser_a_new_upload_clears_the_old_answer(served, real_images, tm
             expect(page.locator("#probabilities")).not_to_contain_text("%")
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_an_ordinary_skin_photo_reads_what_it_is(bundled_model, ood_dev_dir):
+    """The commonest wrong upload: a phone / clinic photo of skin. The page says what it is and what to upload."""
+
+    from ham_hf.finish.guard import read_folder
+    from ham_hf.serve.ood import halves
+
+    paths, categories = read_folder(ood_dev_dir, "category")
+    held = [p for p, c, fit in zip(paths, categories, halves(categories)) if c == "skin_clinical" and not fit]
+    clf = Classifier(str(bundled_model))
+    photo = next(p for p in held if clf.predict([str(p)])[0].ood_kind == "skin photo")
+    _flagged_in_browser(clf, photo, "ordinary photo of skin", "Upload a dermatoscopic image")

@@ -119,7 +119,8 @@ def check_same_split(dsd, split_file: Path) -> None:
 
 def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_dir: Path, bf16: bool = False,
                     train_sample: int = 3000, seed: int = 0, write: bool = True, write_reports: bool = False,
-                    int8: bool = True, folded_temperature: float = 1.0) -> dict:
+                    int8: bool = True, folded_temperature: float = 1.0, guard_negatives: str | None = None,
+                    guard_positives: str | None = None) -> dict:
     """Fit T on validation and fold it into the head; fit the OOD guard; write reports; return the results.
 
     `folded_temperature` is the T already in the head (a calibrated model's all_results.json): T is
@@ -170,21 +171,37 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
                 "folded into the head" if head_changed else "already in the head (refit within 2%: kept)",
                 results["eval_ece_uncalibrated"], results["eval_ece_calibrated"])
 
-    # The guard reads the features, which calibration does not change: fit it on (a sample of) train.
-    train = cached["train"]
-    if len(train) > train_sample:
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_sample]
-        train = CachedImages(train.images[pick], train.labels[pick])
-    train_features, _ = embed(model, train, data_config, bf16=bf16)
-    guard = ood.Guard.fit(train_features, train.labels.numpy(), val_features)
+    guard, figures = refit_guard(model, data_config, cached, val_features, bf16, train_sample, seed,
+                                 guard_negatives, guard_positives)
+    results.update(figures)
     if write:
         guard.save(output_dir / ood.GUARD_FILE)
         if int8:
             results.update({f"int8_{k}": v for k, v in fit_int8(model, data_config, cached, output_dir, guard).items()
                             if not isinstance(v, dict)})
     results.update(guard.evaluate(lambda images: embed(model, images, data_config, bf16=bf16)[0], data_config,
-                                  val_features, output_dir if write else None))
+                                  val_features, output_dir if write else None, colours_of=_colours))
     return results
+
+
+def _colours(images) -> np.ndarray:
+    """Colour statistics of decoded uint8 images (the guard's probe reads them)."""
+    from ham_hf.finish.guard import colours
+
+    return colours(images.images if isinstance(images, CachedImages) else images)
+
+
+def refit_guard(model, data_config, cached: dict[str, CachedImages], val_features: np.ndarray, bf16: bool,
+                train_sample: int = 3000, seed: int = 0, negatives: str | None = None,
+                positives: str | None = None) -> tuple[ood.Guard, dict]:
+    """Fit the guard on (a seeded sample of) train: features do not change with calibration."""
+    from ham_hf.finish.guard import fit_guard
+
+    train = cached["train"]
+    if len(train) > train_sample:
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_sample]
+        train = CachedImages(train.images[pick], train.labels[pick])
+    return fit_guard(model, data_config, train, cached["validation"], val_features, bf16, negatives, positives)
 
 
 def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages], model_dir: Path, bf16: bool,
@@ -215,7 +232,8 @@ def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages],
 
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
               bf16: bool | None = None, int8_only: bool = False, retune_tau: bool = False,
-              max_ece: float | None = None, cached: dict[str, CachedImages] | None = None) -> dict:
+              max_ece: float | None = None, cached: dict[str, CachedImages] | None = None,
+              guard_only: bool = False, guard_negatives: str | None = None, guard_positives: str | None = None) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
 
     With `int8_only`, only the int8 ranges and fidelity record are refitted (after an ONNX Runtime
@@ -240,13 +258,22 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     if cached is None:
         dsd = data.load_splits(source, split_args)
         check_same_split(dsd, src / data.SPLIT_FILE)
-        splits = ("train", "validation") if int8_only else data.SPLITS
+        splits = ("train", "validation") if int8_only or guard_only else data.SPLITS
         cached = {name: cache_split(dsd[name], dc) for name in splits if len(dsd[name])}
     bf16 = precision.use_bf16("cpu", bf16)
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         stage = Path(tmp) / "stage"
         shutil.copytree(src, stage)
-        if int8_only:
+        if guard_only:  # the guard alone: weights, temperature, reports and int8 ranges stay as they are
+            val_features = embed(model, cached["validation"], dc, bf16=bf16)[0]
+            guard, results = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
+                                         positives=guard_positives)
+            guard.save(stage / ood.GUARD_FILE)
+            results.update(guard.evaluate(lambda images: embed(model, images, dc, bf16=bf16)[0], dc, val_features,
+                                          stage, colours_of=_colours))
+            split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
+                             for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
+        elif int8_only:
             guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
             results = {f"int8_{k}": v for k, v in fit_int8(model, dc, cached, stage, guard).items()
                        if not isinstance(v, dict)}
@@ -256,7 +283,8 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             tau_results, folded = ({}, head.head_temperature(src)) if not retune_tau else (
                 retune_logit_adjustment(model, dc, cached, src, bf16, max_ece or MAX_ECE))
             results = {**tau_results, **calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
-                                                        folded_temperature=folded)}
+                                                        folded_temperature=folded, guard_negatives=guard_negatives,
+                                                        guard_positives=guard_positives)}
             split_metrics = results.pop("split_metrics", {})
             if results.pop("head_changed"):
                 export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")

@@ -72,7 +72,7 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
         raise data.DataError(f"no split {split!r} in {source}; choose one of {', '.join([*dsd, 'all'])}")
     bf16 = precision.use_bf16(device, bf16)
     cached = cache_split(ds, dc)
-    logits = embed(model, cached, dc, batch_size=batch_size, bf16=bf16, tta=tta)[1]
+    features, logits = embed(model, cached, dc, batch_size=batch_size, bf16=bf16, tta=tta)
     name = f"eval-{split}-tta" if tta else f"eval-{split}"
     out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / name
     result = report.write_split_reports(out, split, metrics.softmax(logits), cached.labels.numpy(), cached.image_ids,
@@ -80,4 +80,18 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
     report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
     report.update_all_results(out, {"precision": precision.name(bf16), "device": str(device),
                                     "test_time_augmentation": tta})
+    report.update_all_results(out, guard_figures(model_path, features, cached, split))
     return result
+
+
+def guard_figures(model_path: str, features: np.ndarray, cached: CachedImages, split: str) -> dict:
+    """The share of the scored images the model's out-of-distribution guard keeps, where it has one."""
+    from ham_hf.serve import ood
+
+    path = ood.guard_path(model_path)
+    if not path.is_file():
+        return {}
+    colours = np.stack([ood.colour_stats(im.numpy()) for im in cached.images])
+    kept = ood.Guard.load(path).judge(features, colours)[0]
+    logger.info("the guard keeps %d of %d images (%.1f%%)", kept.sum(), len(kept), 100 * kept.mean())
+    return {f"{split}_guard_kept": float(kept.mean())}

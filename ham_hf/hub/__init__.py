@@ -364,3 +364,44 @@ def add_trust_section(card_path: str | Path, results: dict, split_metrics: dict[
         card.data.eval_results = test_eval_results(split_metrics["test"], old[0].dataset_type if old else "ham10000")
         card.data.model_name = card.data.model_name or "ham10000-classifier"
         card.save(path)
+
+
+EXTERNAL_MARKER = "## External validation"
+
+
+def external_section(source: str, result: dict, guard_kept: float | None, command: str) -> str:
+    """A card section: the model on labelled images from another source, beside the internal test split."""
+    present = [c for c in CLASS_CODES if result["per_class"][c]["support"] > 0]
+    n = sum(result["per_class"][c]["support"] for c in present)
+    rows = ["| metric | value [95% CI] |", "|---|---:|"]
+    for key, name in CI_ROWS:
+        if key in result and key in result.get("ci", {}):
+            low, high = result["ci"][key]
+            rows.append(f"| {name} | {result[key]:.3f} [{low:.3f}, {high:.3f}] |")
+    recalls = ", ".join(f"{c} {result['per_class'][c]['recall']:.2f} ({result['per_class'][c]['support']})"
+                        for c in present)
+    kept = "" if guard_kept is None else (f" The out-of-distribution guard keeps **{guard_kept:.1%}** of them "
+                                          "(turned away, they get no diagnosis).")
+    absent = [c for c in CLASS_CODES if c not in present]
+    return "\n".join([
+        f"{EXTERNAL_MARKER}: {source}", "",
+        f"{n} dermatoscopic images from {source}, none from HAM10000, scored with `{command}`. Balanced accuracy "
+        "is the mean recall over the classes present" + (f" ({', '.join(absent)} absent)." if absent else "."), "",
+        *rows, "", f"Recall per class (images): {recalls}.{kept}", ""])
+
+
+def add_external_section(card_path: str | Path, source: str, result: dict, guard_kept: float | None,
+                         command: str) -> None:
+    """Add (or replace) a card's external-validation section for one source."""
+    path = Path(card_path)
+    text = path.read_text() if path.is_file() else ""
+    marker = f"{EXTERNAL_MARKER}: {source}"
+    section = external_section(source, result, guard_kept, command)
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        tail = rest[rest.find("\n## ") + 1:] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+

@@ -40,6 +40,7 @@ class Prediction:
     probabilities: dict[str, float]  # class code -> probability, all 7
     ood_score: float | None = None  # higher = less like the training images; None without a guard
     in_distribution: bool | None = None  # the guard's verdict; None without a guard
+    ood_kind: str | None = None  # when flagged, what it seems to be (ham_hf.serve.ood.KINDS, "greyscale")
 
     @property
     def top(self) -> str:
@@ -68,6 +69,8 @@ class Answer:
     probs: np.ndarray
     ood_score: float | None = None
     cam: np.ndarray | None = None  # class activation map of the top class, in [0, 1] at the feature map's size
+    in_distribution: bool | None = None
+    ood_kind: str | None = None
 
 
 def class_activation_map(feature_map: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
@@ -238,9 +241,7 @@ class Classifier:
 
     def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
-        answers = self.answer([self.decode(im) for im in images] if len(images) == 1 else
-                              list(decode_images(list(images), self.data_config.resize, self.data_config.interpolation,
-                                                 threads=min(4, len(images)))), tta=tta)
+        answers = self.answer(self._decode_all(images), tta=tta)
         probs = np.stack([a.probs for a in answers])
         return probs, (None if self.guard is None else np.array([a.ood_score for a in answers]))
 
@@ -249,9 +250,15 @@ class Classifier:
         return self.predict_proba_and_ood(images, tta)[0]
 
     def predict(self, images: Sequence, tta: bool = False) -> list[Prediction]:
-        """Return one Prediction per image (with the guard's score and verdict when the model has a guard)."""
-        probs, scores = self.predict_proba_and_ood(images, tta)
-        return [self._prediction(row, None if scores is None else scores[i]) for i, row in enumerate(probs)]
+        """Return one Prediction per image (with the guard's score, verdict and kind when the model has a guard)."""
+        return [self.prediction(a) for a in self.answer(self._decode_all(images), tta=tta)]
+
+    def _decode_all(self, images: Sequence) -> list[torch.Tensor]:
+        """Decoded uint8 squares of images (in threads when there are several)."""
+        if len(images) == 1:
+            return [self.decode(images[0])]
+        dc = self.data_config
+        return list(decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images))))
 
     def answer(self, decoded: Sequence[torch.Tensor], tta: bool | Sequence[bool] = False,
                cam: bool = False) -> list[Answer]:
@@ -269,7 +276,13 @@ class Classifier:
         logits, features = outs[0], outs[1]
         probs, n = softmax(logits), len(decoded)
         extra = probs[n:].reshape(TTA_VIEWS - 1, len(turned), probs.shape[1]) if turned else None
-        scores = self.guard.score(features[:n]) if self.guard is not None else [None] * n
+        scores, verdicts, kinds = [None] * n, [None] * n, [None] * n
+        if self.guard is not None:
+            from ham_hf.serve.ood import colour_stats
+
+            colours = np.stack([colour_stats(d.numpy()) for d in decoded])
+            scores = self.guard.score(features[:n])
+            verdicts, kinds = self.guard.judge(features[:n], colours)
         answers, k = [], 0
         for i in range(n):
             p = probs[i]
@@ -277,19 +290,14 @@ class Classifier:
                 p = (p + extra[:, k].sum(axis=0)) / TTA_VIEWS
                 k += 1
             heat = class_activation_map(outs[2][i], self.head_weight[int(p.argmax())]) if cam else None
-            answers.append(Answer(p, None if scores[i] is None else float(scores[i]), heat))
+            answers.append(Answer(p, None if scores[i] is None else float(scores[i]), heat,
+                                  None if verdicts[i] is None else bool(verdicts[i]), kinds[i]))
         return answers
 
     def prediction(self, answer: Answer) -> Prediction:
         """The Prediction of one `answer`."""
-        return self._prediction(answer.probs, answer.ood_score)
-
-    def _prediction(self, probs: np.ndarray, score: float | None) -> Prediction:
-        """Wrap one row of probabilities and its OOD score."""
-        if score is None:
-            return Prediction(dict(zip(CLASS_CODES, map(float, probs))))
-        return Prediction(dict(zip(CLASS_CODES, map(float, probs))), float(score),
-                          bool(self.guard.in_distribution(score)))
+        return Prediction(dict(zip(CLASS_CODES, map(float, answer.probs))), answer.ood_score, answer.in_distribution,
+                          answer.ood_kind)
 
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -316,7 +324,7 @@ def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
                          "malignant_probability": round(pred.malignant_probability, 6),
                          **{f"prob_{c}": round(p, 6) for c, p in pred.probabilities.items()},
                          "ood_score": None if pred.ood_score is None else round(pred.ood_score, 3),
-                         "in_distribution": pred.in_distribution})
+                         "in_distribution": pred.in_distribution, "ood_kind": pred.ood_kind})
         batch.clear()
         names.clear()
 
