@@ -74,9 +74,9 @@ def load_config(name_or_path: str):
         return TimmWrapperConfig.from_pretrained(name_or_path)
     except OSError as exc:
         raise ModelError(
-            f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}). Pass a Hub id that "
-            "exists (with Hub access), such as --model_name_or_path timm/resnet50.a1_in1k, or, offline, a local "
-            "timm folder with config.json + model.safetensors (--model_name_or_path DIR)"
+            f"cannot load a model config from {name_or_path!r} ({str(exc).splitlines()[0]}): it is no folder here, "
+            "and the Hub has no such repo or cannot be reached. Pass an existing folder with config.json + "
+            "model.safetensors, or a Hub id that exists (to train from: --model_name_or_path timm/resnet50.a1_in1k)"
         ) from None
 
 

@@ -25,6 +25,7 @@ from ham_hf.errors import ImageError, ModelError
 from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
 from ham_hf.metrics import softmax
+from ham_hf.repo_ids import is_hub_id
 from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, load_rgb, resize_square, tta_views
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class Classifier:
     """A HAM10000 classifier loaded once from a Hub id or a local folder."""
 
     def __init__(self, name_or_path: str, backend: str = "auto", device: str | None = None):
+        if not Path(name_or_path).exists() and not is_hub_id(name_or_path):
+            raise ModelError(f"no model at {name_or_path!r}: give a folder written by `ham-hf train` (or bundled), "
+                             "or the Hub id of one, such as ORG/ham10000-resnet50")
         if not model_lib.is_fine_tuned(name_or_path):
             raise ModelError(f"{name_or_path} is not a HAM10000 classifier (its labels are not "
                              f"{', '.join(CLASS_CODES)}); fine-tune it with `ham-hf train` first")
