@@ -192,9 +192,11 @@ def test_pickled_weights_are_refused(tmp_path, tiny_model):
         Classifier(str(folder))
 
 
-def test_a_backbone_is_not_served(tiny_backbone):
+def test_a_backbone_is_not_served(tiny_backbone, tmp_path):
     with pytest.raises(ModelError, match="not a HAM10000 classifier"):
         Classifier(str(tiny_backbone))
+    with pytest.raises(ModelError, match="no model at .*ham-hf train.*Hub id"):
+        Classifier(str(tmp_path / "nothing"))
 
 
 def test_resolve_model(tmp_path, monkeypatch, tiny_model):
