@@ -235,10 +235,6 @@ class Classifier:
         outs = (logits.double().cpu().numpy(), features.float().cpu().numpy())
         return (*outs, fmap.float().cpu().numpy()) if feature_map else outs
 
-    def logits_and_features(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Run the model on a preprocessed batch; return float64 logits and the pooled features."""
-        return self.forward(pixel_values)
-
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Run the model on a preprocessed batch; return float64 logits."""
         return self.forward(pixel_values)[0]
