@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,7 +36,7 @@ def embed(clf: Classifier, images: list) -> tuple[np.ndarray, np.ndarray]:
     feats, colours = [], []
     for start in range(0, len(images), 16):
         decoded = [clf.decode(im) for im in images[start:start + 16]]
-        x = clf.preprocess(__import__("torch").stack(decoded), train=False)
+        x = clf.preprocess(torch.stack(decoded), train=False)
         feats.append(clf.forward(x)[1])
         colours += [colour_stats(d.numpy()) for d in decoded]
     return np.concatenate(feats), np.asarray(colours)

@@ -36,7 +36,9 @@ def read_folder(folder: str | Path, column: str) -> tuple[list[Path], list[str]]
     table = root / "metadata.csv"
     if not table.is_file():
         raise DataError(f"{root} has no metadata.csv (file,{column}): the guard's folders list their images there")
-    rows = [r for r in csv.DictReader(table.open()) if (r.get(column) or "").strip() or column == "dx"]
+    rows = list(csv.DictReader(table.open()))
+    if column == "category":  # a negative needs its kind; a positive is dermoscopic whatever its dx
+        rows = [r for r in rows if (r.get(column) or "").strip()]
     paths = [next((c for c in (root / r["file"], root / "images" / r["file"]) if c.is_file()), None) for r in rows]
     found = [(p, r.get(column, "")) for p, r in zip(paths, rows) if p is not None]
     if not found:
