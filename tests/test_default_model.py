@@ -114,10 +114,7 @@ def test_the_guard_flags_package_photos_charts_and_greyscale_and_says_what_they_
 
 
 def test_the_guard_keeps_real_lesions_at_the_promised_rates(guarded, real_ham_dir, external_dir):
-    """HAM10000 validation (a seeded 200) >= 97% kept; dermoscopy from other sources (held-out half) >= 93%.
-
-    The goal for other sources is 95%; the bundled guard keeps 94.2% of the held-out half (97 of 103).
-    """
+    """HAM10000 validation (a seeded 200) >= 97% kept; dermoscopy from other sources (held-out half) >= 95%."""
     from ham_hf import data
 
     validation = data.read_split_file(DEFAULT / "split.csv", "validation")
@@ -128,7 +125,7 @@ def test_the_guard_keeps_real_lesions_at_the_promised_rates(guarded, real_ham_di
     assert kept >= 0.97, kept
     external = [str(p) for p, _ in _held_out(external_dir, "dx")]
     kept = np.mean([p.in_distribution for p in guarded.predict(external)])
-    assert kept >= 0.93, kept
+    assert kept >= 0.95, kept
 
 
 def test_the_guard_flags_held_out_real_uploads(guarded, ood_dev_dir):

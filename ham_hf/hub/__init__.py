@@ -294,6 +294,21 @@ def dx_type_table(split_metrics: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def probe_lines(results: dict) -> list[str]:
+    """The guard's kind probe and its held-out figures, when it has one."""
+    if "ood_probe_kinds" not in results:
+        return []
+    return ["", f"A kind probe ({results['ood_probe_kinds']}) decides beside the score; below P(dermoscopic) "
+            f"{results['ood_probe_min_dermoscopic']:.3f} an image is flagged and said to be its likeliest kind, "
+            "and the score's threshold x3 catches what is far from everything. On the halves of the guard's "
+            f"folders it was not fitted on ({results['ood_heldout_n_negatives']} non-dermoscopic images, "
+            f"{results['ood_heldout_n_external']} dermatoscopic images from other sources):", "",
+            f"- photos, screenshots / charts, other medical images flagged: "
+            f"{100 * results['ood_heldout_far_flagged']:.1f}%",
+            f"- ordinary-camera skin photos flagged: {100 * results['ood_heldout_skin_photo_flagged']:.1f}%",
+            f"- dermoscopy from other sources kept: {100 * results['ood_heldout_external_kept']:.1f}%"]
+
+
 def logit_adjustment_lines(results: dict) -> list[str]:
     """The card's sentence on the logit-adjusted decision (none for a model without it)."""
     tau = results.get("logit_adjustment_tau")
@@ -334,6 +349,7 @@ def trust_section(results: dict, split_metrics: dict[str, dict] | None = None) -
                   f"- non-dermoscopic images ({results['ood_n_images']} from scikit-image, scikit-learn and generated "
                   f"colours, noise, gradients, text and charts): AUROC {results['ood_auroc']:.4f}, flagged "
                   f"{100 * results['ood_flagged']:.1f}%"]
+        lines += probe_lines(results)
     if "int8_passed" in results:
         lines += ["", f"**int8 on the CPU** (`int8_ranges.json`, `int8_fidelity.json`): against float32 on the "
                   f"validation split, top-1 agreement {results['int8_top1_agreement']:.4f}, balanced accuracy "

@@ -61,6 +61,9 @@ def test_the_guard_learns_kinds_from_real_folders_and_reports_on_the_held_out_ha
     for key in ("ood_heldout_far_flagged", "ood_heldout_skin_photo_flagged", "ood_heldout_external_kept",
                 "ood_validation_kept"):
         assert 0 <= results[key] <= 1, key
+    card = (model / "README.md").read_text()  # the card says what the probe does on the halves it did not see
+    assert "A kind probe" in card
+    assert f"dermoscopy from other sources kept: {100 * results['ood_heldout_external_kept']:.1f}%" in card
     # The verdict carries the kind through the product's predictions.
     clf = Classifier(str(model), backend="torch")
     flagged = [p for p in clf.predict([str(p) for p in (negatives / "images").glob("*.png")]) if not p.in_distribution]
@@ -86,3 +89,25 @@ def test_greyscale_is_told_apart_by_colour():
     grey = np.stack([np.full((64, 64), 120, np.uint8)] * 3, axis=-1)
     skin = np.zeros((64, 64, 3), np.uint8) + np.array([200, 140, 120], np.uint8)
     assert ood.colour_stats(grey)[1] > ood.GREY_SHARE > ood.colour_stats(skin)[1]
+
+
+def test_the_probe_s_floor_leaves_a_margin_below_every_image_it_was_fitted_to_keep():
+    """The floor is PROBE_MARGIN times the lowest of validation's 1% quantile and the fitted external images."""
+    rng = np.random.default_rng(0)
+    centre = np.zeros(8)
+    train = rng.normal(centre, 1.0, (200, 8))
+    guard = ood.Guard.fit(train, np.arange(200) % 2, rng.normal(centre, 1.0, (50, 8)), dims=4)
+    colours = lambda n: np.tile([0.4, 0.1], (n, 1))  # noqa: E731
+    negatives = rng.normal(centre + 3, 1.0, (60, 8))
+    external = rng.normal(centre + 1.5, 1.0, (20, 8))  # between the two, as other dermatoscopes are
+    val = rng.normal(centre, 1.0, (50, 8))
+    fit = dict(pos_f=np.r_[train, external], pos_c=colours(220), neg_f=negatives, neg_c=colours(60),
+               neg_kinds=["photo"] * 60, val_f=val, val_c=colours(50), positives_fit=external,
+               positives_fit_colours=colours(20))
+    bare = ood.Probe.fit(guard, **fit, margin=1.0)
+    probe = ood.Probe.fit(guard, **fit)
+    assert probe.min_dermoscopic == pytest.approx(ood.PROBE_MARGIN * bare.min_dermoscopic)
+    lowest = min(np.quantile(bare.probabilities(guard, val, colours(50))[:, 0], 1 - ood.KEEP_QUANTILE),
+                 bare.probabilities(guard, external, colours(20))[:, 0].min())
+    assert bare.min_dermoscopic == pytest.approx(lowest)
+    assert probe.accepts(guard, external, colours(20)).all()
