@@ -26,7 +26,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ham_hf import data  # noqa: E402
-from ham_hf.finish.guard import source_of  # noqa: E402
+from ham_hf.finish.guard import CATEGORY_KINDS, source_of  # noqa: E402
 from ham_hf.serve import ood  # noqa: E402
 from ham_hf.serve.classifier import Classifier  # noqa: E402
 from ham_hf.serve.ood import Probe, colour_stats  # noqa: E402
@@ -77,9 +77,6 @@ def _raw():
     return datasets.Image(decode=False)
 
 
-KIND_OF = {"everyday": "photo", "document": "document", "medical": "medical", "skin_clinical": "skin photo"}
-
-
 def held_out(flagged: dict, d: dict, ood_fit, ext_fit) -> dict:
     """The four goals' figures on the halves not fitted on (and HAM10000 validation)."""
     groups = d["ood_group"]
@@ -92,7 +89,7 @@ def fit_probe(guard, d: dict, ood_fit, ext_fit, **options) -> Probe:
     """A probe fitted as `ham-hf calibrate --guard_only` fits it, on the given halves."""
     neg_f = np.r_[d["package_f"], d["ood_f"][ood_fit]]
     neg_c = np.r_[d["package_c"], d["ood_c"][ood_fit]]
-    neg_k = ["other"] * len(d["package_f"]) + [KIND_OF[g] for g in d["ood_group"][ood_fit]]
+    neg_k = ["other"] * len(d["package_f"]) + [CATEGORY_KINDS[g] for g in d["ood_group"][ood_fit]]
     pos_f = np.r_[d["train_f"], d["ext_f"][ext_fit]]
     pos_c = np.r_[d["train_c"], d["ext_c"][ext_fit]]
     return Probe.fit(guard, pos_f, pos_c, neg_f, neg_c, neg_k, d["val_f"], d["val_c"],

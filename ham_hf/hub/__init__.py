@@ -300,7 +300,7 @@ def probe_lines(results: dict) -> list[str]:
         return []
     return ["", f"A kind probe ({results['ood_probe_kinds']}) decides beside the score; below P(dermoscopic) "
             f"{results['ood_probe_min_dermoscopic']:.3f} an image is flagged and said to be its likeliest kind, "
-            "and the score's threshold x3 catches what is far from everything. On the halves of the guard's "
+            "and the score alone still flags what is far from every lesion class. On the halves of the guard's "
             f"folders it was not fitted on ({results['ood_heldout_n_negatives']} non-dermoscopic images, "
             f"{results['ood_heldout_n_external']} dermatoscopic images from other sources):", "",
             f"- photos, screenshots / charts, other medical images flagged: "
