@@ -51,10 +51,12 @@ def source_of(path: Path) -> str:
     return path.name.split("_")[0].lower()
 
 
-def decode(paths, data_config) -> torch.Tensor:
-    """Decoded uint8 squares at the model's eval resize, as the app decodes uploads."""
-    return torch.stack([torch.from_numpy(resize_square(load_rgb(str(p), data_config.resize), data_config.resize,
-                                                       data_config.interpolation)) for p in paths])
+def decode(images, data_config) -> torch.Tensor:
+    """Decoded uint8 squares (of paths or PIL images) at the model's eval resize, as the app decodes uploads."""
+    return torch.stack([torch.from_numpy(resize_square(load_rgb(str(p) if isinstance(p, Path) else p,
+                                                                data_config.resize),
+                                                       data_config.resize, data_config.interpolation))
+                        for p in images])
 
 
 def colours(images: torch.Tensor) -> np.ndarray:
@@ -82,8 +84,7 @@ def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_fe
     kinds = [CATEGORY_KINDS.get(c, c if c in ood.KINDS else "other") for c in categories]
     neg_fit, pos_fit = ood.halves(categories), ood.halves(source_of(p) for p in pos_paths)
     package = [im for _, im in ood.non_dermoscopic_images()]
-    pack_images = torch.stack([torch.from_numpy(resize_square(load_rgb(im), data_config.resize,
-                                                              data_config.interpolation)) for im in package])
+    pack_images = decode(package, data_config)
     pack_f, pack_c = features(pack_images), colours(pack_images)
     val_c = colours(val.images)
     guard.probe = ood.Probe.fit(guard, np.r_[train_features, pos_f[pos_fit]],

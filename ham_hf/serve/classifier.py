@@ -217,12 +217,7 @@ class Classifier:
 
     def images_to_tensor(self, images: Sequence) -> torch.Tensor:
         """Decode and preprocess images (paths, bytes or PIL) into a normalised batch on the device."""
-        if len(images) == 1:  # the app's path: no thread pool
-            cached = self.decode(images[0])[None]
-        else:
-            dc = self.data_config
-            cached = decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images)))
-        return self.preprocess(cached.to(self.device), train=False)
+        return self.preprocess(torch.stack(self._decode_all(images)).to(self.device), train=False)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> tuple[np.ndarray, ...]:
@@ -255,7 +250,7 @@ class Classifier:
 
     def _decode_all(self, images: Sequence) -> list[torch.Tensor]:
         """Decoded uint8 squares of images (in threads when there are several)."""
-        if len(images) == 1:
+        if len(images) == 1:  # the app's path: no thread pool
             return [self.decode(images[0])]
         dc = self.data_config
         return list(decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images))))
@@ -282,7 +277,7 @@ class Classifier:
 
             colours = np.stack([colour_stats(d.numpy()) for d in decoded])
             scores = self.guard.score(features[:n])
-            verdicts, kinds = self.guard.judge(features[:n], colours)
+            verdicts, kinds = self.guard.judge(features[:n], colours, scores)
         answers, k = [], 0
         for i in range(n):
             p = probs[i]

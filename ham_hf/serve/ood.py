@@ -104,14 +104,18 @@ class Guard:
         """Whether each Mahalanobis score passes the threshold (times BACKSTOP when a probe decides too)."""
         return np.asarray(scores) <= self.threshold * (BACKSTOP if self.probe is not None else 1.0)
 
-    def judge(self, features: np.ndarray, colours: np.ndarray | None = None) -> tuple[np.ndarray, list]:
-        """(in distribution?, what it seems to be: a KINDS name, or None when in) for each image."""
-        with _blas_threads(1):  # small products: BLAS threads left spinning would slow the next forward pass
-            return self._judge(features, colours)
+    def judge(self, features: np.ndarray, colours: np.ndarray | None = None,
+              scores: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """(in distribution?, what it seems to be: a KINDS name, or None when in) for each image.
 
-    def _judge(self, features: np.ndarray, colours: np.ndarray | None) -> tuple[np.ndarray, list]:
+        `scores` are the features' `score`s when the caller has them already (the serving path reports them).
+        """
+        with _blas_threads(1):  # small products: BLAS threads left spinning would slow the next forward pass
+            return self._judge(features, colours, self.score(features) if scores is None else scores)
+
+    def _judge(self, features: np.ndarray, colours: np.ndarray | None, scores: np.ndarray) -> tuple[np.ndarray, list]:
         """judge(), on the calling thread's BLAS."""
-        inside = self.in_distribution(self.score(features))
+        inside = self.in_distribution(scores)
         kinds: list = [None if ok else "other" for ok in inside]
         if self.probe is not None and colours is not None:
             probs = self.probe.probabilities(self, features, colours)
@@ -185,14 +189,15 @@ class Guard:
         figures = {"ood_threshold": self.threshold, "ood_keep_quantile": self.keep_quantile,
                    "ood_validation_kept": float(self.in_distribution(inside).mean()),
                    "ood_auroc": float(roc_auc_score(truth, np.r_[inside, outside])),
-                   "ood_flagged": float((~self.in_distribution(outside)).mean()), "ood_n_images": len(outside)}
+                   "ood_n_images": len(outside)}
+        flagged = ~self.in_distribution(outside)
         if self.probe is not None and colours_of is not None:
-            judged = self.judge(outside_features, colours_of(cached))[0]
-            figures["ood_flagged"] = float((~judged).mean())
+            flagged = ~self.judge(outside_features, colours_of(cached), outside)[0]
             figures.pop("ood_validation_kept")  # the caller's, with colours: the probe decides too
-        if output_dir is not None:
-            per_image = {n: {"score": round(float(s), 2), "flagged": bool(s > self.threshold)}
-                         for n, s in zip(names, outside)}
+        figures["ood_flagged"] = float(flagged.mean())
+        if output_dir is not None:  # each image's verdict as served (the probe's too), beside its score
+            per_image = {n: {"score": round(float(s), 2), "flagged": bool(f)}
+                         for n, s, f in zip(names, outside, flagged)}
             (Path(output_dir) / "ood_images.json").write_text(json.dumps(per_image, indent=1) + "\n")
         logger.info("OOD guard: non-dermoscopic package images AUROC %.4f, %.1f%% flagged", figures["ood_auroc"],
                     100 * figures["ood_flagged"])
