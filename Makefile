@@ -28,6 +28,7 @@ bench: $(STAMP)
 		--model ../shared/weights/resnet50-imagenet --batch-size 16 --steps 6
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/latency.py --data-dir $(HAM10000_DIR) --n 100
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/app_load.py --data-dir $(HAM10000_DIR) --clients 20 --requests 10
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/soak.py --data-dir $(HAM10000_DIR) --clients 20 --minutes 10
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/predict_throughput.py --data-dir $(HAM10000_DIR) \
 		--model models/ham10000-resnet50 --n 1000 --backends auto,onnx
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/cold_start.py --data-dir $(HAM10000_DIR) \

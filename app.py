@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import base64  # noqa: E402
 import html  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -30,14 +29,13 @@ from ham_hf.labels import DESCRIPTIONS, MALIGNANT, display_name  # noqa: E402
 from ham_hf.serve.batcher import Batcher  # noqa: E402
 from ham_hf.serve.classifier import BACKENDS, Classifier, Prediction, resolve_model  # noqa: E402
 from ham_hf.serve.explain import overlay, view_of  # noqa: E402
-from ham_hf.serve.uploads import UploadGuard  # noqa: E402
+from ham_hf.serve.uploads import MAX_UPLOAD_MB, UploadGuard, claim_folder, uploads  # noqa: E402
 
 logger = logging.getLogger("ham_hf.app")
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = BUNDLED_MODEL
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
-MAX_UPLOAD_MB = 10
 # Requests decode their images side by side and their forward passes are batched (ham_hf.serve.batcher):
 # up to MAX_BATCH images share one pass, which on 2 cores answers several times more images a second.
 CONCURRENCY = 16
@@ -48,6 +46,11 @@ QUEUE_SIZE = 256
 # Uploads: deleted UPLOAD_TTL_S after they arrive (and all of them held within UPLOAD_BUDGET_MB).
 UPLOAD_TTL_S = float(os.environ.get("HAM_UPLOAD_TTL_S", 300))
 UPLOAD_BUDGET_MB = float(os.environ.get("HAM_UPLOAD_BUDGET_MB", 500))
+# Sessions whose state Gradio keeps (its default is 10,000). Every API call is a session of its own, and
+# each kept one holds a copy of every component's config and the call's inputs (about 60 KB, an inline
+# image's bytes included), so the default grew the server by ~600 MB under steady use (docs/benchmarks.md,
+# the soak). The app keeps no state between events, so only the calls in flight need theirs.
+STATE_SESSIONS = 2 * CONCURRENCY
 
 NOTICE = (
     "**Research demo, not a medical device.** It must not be used for diagnosis or treatment decisions. "
@@ -79,25 +82,6 @@ UPLOAD_INSTEAD = (
 def not_a_lesion(prediction: Prediction) -> str:
     """The message a flagged upload gets in place of a diagnosis: what it seems to be, and what to upload."""
     return f"### {KIND_MESSAGES.get(prediction.ood_kind or 'other', KIND_MESSAGES['other'])}\n{UPLOAD_INSTEAD}"
-
-
-def _image_source(payload) -> str | bytes:
-    """Turn Gradio's raw image payload (FileData dict, path or data: URL) into a path or bytes."""
-    if payload is None:
-        raise ImageError("Upload an image first.")
-    if isinstance(payload, (str, Path)):
-        return str(payload)
-    get = payload.get if isinstance(payload, dict) else (lambda k: getattr(payload, k, None))
-    url, path = get("url"), get("path")
-    if isinstance(url, str) and url.startswith("data:"):
-        return base64.b64decode(url.split(",", 1)[1])
-    if not path:
-        raise ImageError("Upload an image first.")
-    if not os.path.isfile(path):
-        raise ImageError("The upload is no longer on the server (uploads are kept for minutes); upload it again.")
-    if os.path.getsize(path) > MAX_UPLOAD_MB * 1024 * 1024:
-        raise ImageError(f"The file is larger than {MAX_UPLOAD_MB} MB; upload a smaller image.")
-    return str(path)
 
 
 def share(p: float) -> str:
@@ -158,13 +142,19 @@ class Answers:
 
     def __init__(self, clf: Classifier):
         self.clf = clf
+        self.uploads = uploads()  # what a request may read: this app's uploads, its examples, inline images
         self.batcher = Batcher(lambda items: clf.answer([d for d, _ in items], [t for _, t in items], cam=True),
                                max_batch=MAX_BATCH)
 
     def answer(self, image, tta):
-        """Decode one upload (a readable error if it cannot be) and get its answer from a shared forward pass."""
+        """Decode one upload (a readable error if it cannot be) and get its answer from a shared forward pass.
+
+        The endpoints take Gradio's payload unprocessed (no re-encoded copy of each upload), so this reads
+        only what `uploads` allows: a file this app's upload route stored, or a bounded inline image.
+        """
         try:
-            decoded = self.clf.decode(_image_source(image))
+            with self.uploads.reading(image) as source:
+                decoded = self.clf.decode(source)
         except ImageError as exc:
             logger.info("refused an upload: %s", exc)  # the user's mistake: one line, no traceback
             raise gr.Error(str(exc), print_exception=False) from None
@@ -199,6 +189,7 @@ class Answers:
 
 def create_demo(model: str | None = None, classifier: Classifier | None = None, backend: str = "auto") -> gr.Blocks:
     """Build the Blocks app around one classifier, loaded once, whose forward passes are batched."""
+    claim_folder()  # this process's own upload folder; what stopped processes left there is deleted
     clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
     answers = Answers(clf)
     # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator sets
@@ -226,9 +217,11 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                 cam = gr.Image(type="pil", label="Where the model looked (class activation map, predicted class)",
                                interactive=False, elem_id="gradcam", format="jpeg")
         if EXAMPLES:
-            gr.Examples(examples=[[str(p), False] for p in EXAMPLES], inputs=[image, tta],
-                        example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
-                        label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
+            examples = gr.Examples(
+                examples=[[str(p), False] for p in EXAMPLES], inputs=[image, tta],
+                example_labels=[display_name(p.name.split("_")[0]) for p in EXAMPLES],
+                label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
+            answers.uploads.allow(row[0]["path"] for row in examples.dataset.samples)  # as Gradio cached them
         gr.Markdown(f"Model: `{model_name(clf.name)}` · backend {clf.backend} · input {clf.data_config.size} px")
         # The API's endpoints, on components the page does not show.
         api_label, api_verdict = gr.Label(num_top_classes=7, visible=False), gr.JSON(visible=False)
@@ -246,11 +239,12 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
 
 
 def launch(demo: gr.Blocks, **options):
-    """Serve the demo as the project does: upload cap, image-only uploads within a budget, no run history."""
+    """Serve the demo as the project does: upload cap, image-only uploads within a budget, bounded state, no history."""
     from starlette.middleware import Middleware
 
     guard = Middleware(UploadGuard, max_age_s=UPLOAD_TTL_S, max_total_mb=UPLOAD_BUDGET_MB)
     defaults = {"max_file_size": f"{MAX_UPLOAD_MB}mb", "app_kwargs": {"middleware": [guard]}, "css": CSS,
+                "state_session_capacity": STATE_SESSIONS,
                 # Run history keeps patients' images and answers in the browser: off unless the operator asks.
                 "run_history": os.environ.get("HAM_RUN_HISTORY", "0") == "1", "footer_links": ["api", "settings"]}
     return demo.launch(**{**defaults, **options})

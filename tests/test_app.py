@@ -106,18 +106,27 @@ def test_missing_upload_is_a_readable_error(tiny_model):
         predict(None, False)
 
 
+def _uploaded(path: Path) -> dict:
+    """The payload of a file as if the upload route had stored it (recorded as this app's upload)."""
+    from ham_hf.serve.uploads import uploads
+
+    uploads().keep([path])
+    return {"path": str(path), "meta": {"_type": "gradio.FileData"}}
+
+
 def test_guarded_model_answers_non_lesions_with_a_message_and_the_verdict(bundled_model, real_images, tmp_path):
     """The bundled model's guard: a blue square gets the message (probabilities only on request), a lesion passes."""
     demo = app.create_demo(classifier=Classifier(str(bundled_model), backend="torch"))
     predict = next(fn for fn in demo.fns.values() if fn.api_name == "predict").fn
-    blue = tmp_path / "blue.png"
+    blue, lesion = tmp_path / "blue.png", tmp_path / "nv.jpg"
     Image.new("RGB", (300, 300), (30, 60, 220)).save(blue)
-    label, text, verdict = predict(str(blue), False, False)
+    shutil.copy(real_images["nv"], lesion)
+    label, text, verdict = predict(_uploaded(blue), False, False)
     assert label is None and "Upload a dermatoscopic image" in text and "Most likely" not in text
     assert verdict["in_distribution"] is False and verdict["ood_score"] > verdict["ood_threshold"]
-    label, text, verdict = predict(str(blue), False, True)  # asked for explicitly
+    label, text, verdict = predict(_uploaded(blue), False, True)  # asked for explicitly
     assert len(label) == 7 and "Most likely" in text and verdict["in_distribution"] is False
-    label, text, verdict = predict(str(real_images["nv"]), False, False)
+    label, text, verdict = predict(_uploaded(lesion), False, False)
     assert len(label) == 7 and verdict["in_distribution"] is True and "Most likely" in text
 
 
@@ -201,6 +210,24 @@ def test_real_browser_upload_and_read_probabilities(served, real_images, tmp_pat
             text = result.inner_text()
             shown = [display_name(c) for c in CLASS_CODES if display_name(c) in text]
             assert len(shown) == 7, text
+            expect(page.locator("#description")).to_contain_text("Most likely", timeout=30_000)
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_an_example_is_classified(served):
+    """An example clicked on the page is one the app may read (Gradio's cached copy), so it is classified."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page()
+            page.goto(served)
+            page.get_by_text(display_name(app.EXAMPLES[0].name.split("_")[0]), exact=True).first.click()
+            page.locator("#classify").click()
+            expect(page.locator("#probabilities")).to_contain_text("%", timeout=30_000)
             expect(page.locator("#description")).to_contain_text("Most likely", timeout=30_000)
         finally:
             browser.close()
@@ -324,3 +351,100 @@ def test_real_browser_an_ordinary_skin_photo_reads_what_it_is(bundled_model, ood
     clf = Classifier(str(bundled_model))
     photo = next(p for p in held if clf.predict([str(p)])[0].ood_kind == "skin photo")
     _flagged_in_browser(clf, photo, "ordinary photo of skin", "Upload a dermatoscopic image")
+
+
+def _call(url: str, api: str, data: list) -> tuple[str, object]:
+    """One call over Gradio's HTTP API, as any client makes it: ("complete", outputs) or ("refused", message)."""
+    import httpx
+
+    with httpx.Client(timeout=60) as http:
+        posted = http.post(f"{url}gradio_api/call/{api}", json={"data": data})
+        if posted.status_code != 200:
+            return "refused", posted.text
+        stream = http.get(f"{url}gradio_api/call/{api}/{posted.json()['event_id']}").text
+    kind, _, payload = stream.strip().rpartition("event: ")[2].partition("\ndata: ")
+    return ("complete", json.loads(payload)) if kind == "complete" else ("refused", (json.loads(payload) or {})
+                                                                          .get("error"))
+
+
+def test_the_api_reads_only_what_the_client_sent(served, tmp_path, caplog):
+    """Over the real HTTP API: server files, links, `..`, URLs and oversized inline data get one refusal."""
+    import base64
+    import os
+
+    import httpx
+
+    from ham_hf.serve.uploads import REFUSED_SOURCE
+
+    meta = {"_type": "gradio.FileData"}
+    example = app.EXAMPLES[0]
+    sent = httpx.post(f"{served}gradio_api/upload", timeout=30,
+                      files={"files": ("lesion.jpg", example.read_bytes(), "image/jpeg")}).json()[0]
+    again = httpx.post(f"{served}gradio_api/upload", timeout=30,
+                       files={"files": ("lesion.jpg", example.read_bytes(), "image/jpeg")}).json()[0]
+    link = Path(sent).parent / "link.jpg"
+    os.symlink(example, link)
+    text = tmp_path / "server.txt"
+    text.write_text("secret")
+    huge = tmp_path / "huge.png"
+    Image.frombytes("RGB", (2100, 2100), os.urandom(2100 * 2100 * 3)).save(huge)  # about 12.6 MB
+    inline = "data:image/{};base64,{}".format
+    refused = {"a server image": {"path": str(example), "meta": meta}, "without meta": {"path": str(example)},
+               "a server non-image": {"path": str(text)}, "a missing path": {"path": str(tmp_path / "no.jpg")},
+               "a link out of the uploads": {"path": str(link), "meta": meta},
+               "`..` in an upload path": {"path": f"{Path(sent).parent}/../../{example.name}", "meta": meta},
+               "a URL": {"path": "https://example.com/a.jpg", "url": "https://example.com/a.jpg", "meta": meta},
+               "inline over the cap": {"path": None, "url": inline("png", base64.b64encode(huge.read_bytes())
+                                                                     .decode()), "meta": meta}}
+    with caplog.at_level("INFO"):
+        for name, payload in refused.items():
+            for api, args in (("predict", [False, False]), ("explain", []), ("classify", [False, False])):
+                assert _call(served, api, [payload, *args]) == ("refused", REFUSED_SOURCE), (name, api)
+    assert "Traceback" not in caplog.text
+    small = {"path": None, "url": inline("jpeg", base64.b64encode(example.read_bytes()).decode()), "meta": meta}
+    for payload in ({"path": sent, "meta": meta}, {"path": again, "meta": meta}, small):  # the same file twice
+        kind, (label, _, _) = _call(served, "predict", [payload, False, False])
+        assert kind == "complete" and len(label["confidences"]) == 7
+    kind, outputs = _call(served, "explain", [small])
+    assert kind == "complete" and outputs[0]["path"]
+
+
+def test_start_up_deletes_what_a_stopped_app_left(tiny_model, tmp_path):
+    """A killed app's uploads are gone once the next one starts (its own folder only)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import free_port, wait_up
+
+    base, other = tmp_path / "gradio", tmp_path / "gradio" / "someone-else"
+    other.mkdir(parents=True)
+    env = {"GRADIO_TEMP_DIR": str(base), "HAM_HF_CACHE": str(tmp_path / "cache")}
+
+    def start():
+        port = free_port()
+        process = subprocess.Popen([sys.executable, str(Path(app.__file__)), "--model", str(tiny_model), "--backend",
+                                    "torch", "--port", str(port)], env={**os.environ, **env},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_up(f"http://127.0.0.1:{port}/", timeout=120)
+        return process, f"http://127.0.0.1:{port}/"
+
+    first, url = start()
+    try:
+        stored = Path(httpx.post(f"{url}gradio_api/upload", timeout=30, files={
+            "files": ("a.jpg", app.EXAMPLES[0].read_bytes(), "image/jpeg")}).json()[0])
+    finally:
+        first.send_signal(signal.SIGKILL)  # no clean shutdown
+        first.wait(timeout=30)
+    assert stored.is_file() and stored.is_relative_to(base)
+    second, _ = start()
+    try:
+        assert not stored.exists() and not (base / f"ham-hf-{first.pid}").exists()
+        assert (base / f"ham-hf-{second.pid}").is_dir() and other.is_dir()
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
