@@ -8,7 +8,9 @@ Each call classifies one image file from disk (decode + preprocess + forward + s
 - "app (torch)": the same with the PyTorch backend (inference mode, channels_last);
 - "pipeline": `pipeline("image-classification", model=...)` on the same file;
 - "app tta 8 views": the 8 dihedral views of one image in one batch.
-The largest probability difference between the paths is reported as well.
+The largest probability difference between the paths is reported as well. For a model with a guard:
+what judging costs an image, and what the texture statistics cost the served graph (the same graph
+without them, one image at a time, in the same run).
 
 app.py sets OMP_WAIT_POLICY=PASSIVE for its process (PyTorch's spinning OpenMP threads slow ONNX
 Runtime down); run with `OMP_WAIT_POLICY=PASSIVE` for the app's setting, without it for the default.
@@ -36,6 +38,30 @@ def timed(fn, items, warmup: int = 5) -> list[float]:
         fn(item)
         out.append(time.perf_counter() - start)
     return out
+
+
+def texture_cost(clf, decoded: list) -> dict:
+    """The served graph's forward pass, one image at a time, against the same graph without its texture branch."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import extract_model
+
+    session = clf._session
+    path = session._model_path
+    inputs = [{"pixel_values": clf.preprocess(d[None], train=False).numpy()} for d in decoded]
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = os.path.join(tmp, "bare.onnx")
+        names = [o.name for o in onnx.load(path, load_external_data=False).graph.output if o.name != "texture"]
+        extract_model(path, bare, ["pixel_values"], names)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        without = ort.InferenceSession(bare, options, providers=["CPUExecutionProvider"])
+        full = summary(timed(lambda x: session.run(None, x), inputs))
+        bare_times = summary(timed(lambda x: without.run(None, x), inputs))
+    return {"with_p50_ms": full["p50_ms"], "without_p50_ms": bare_times["p50_ms"],
+            "added_p50_ms": round(full["p50_ms"] - bare_times["p50_ms"], 2)}
 
 
 def main() -> None:
@@ -75,9 +101,12 @@ def main() -> None:
         from ham_hf.serve.ood import colour_stats
 
         decoded = [fast.decode(f) for f in files]
-        features = [fast.forward(fast.preprocess(d[None], train=False))[1] for d in decoded]
+        outs = [fast.forward(fast.preprocess(d[None], train=False)) for d in decoded]
         results["guard per image"] = summary(timed(
-            lambda i: fast.guard.judge(features[i], colour_stats(decoded[i].numpy())[None]), range(len(files))))
+            lambda i: fast.guard.judge(outs[i].features, colour_stats(decoded[i].numpy())[None],
+                                       texture=outs[i].texture), range(len(files))))
+        if fast.backend.startswith("onnx"):
+            results["texture in the graph"] = texture_cost(fast, decoded)
     sample = files[:16]
     ref = np.array([[{d["label"]: d["score"] for d in r}[c] for c in CLASS_CODES] for r in stock(sample, top_k=7)])
     results["max_prob_diff_vs_pipeline"] = float(np.abs(fp32.predict_proba(sample) - ref).max())

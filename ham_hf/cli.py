@@ -156,11 +156,12 @@ class CalibrateArguments:
         "help": "With --retune_logit_adjustment: the calibrated validation ECE a tau must meet (default: the "
                 "calibration goal, 0.05; 1: no condition)."})
     guard_negatives: str | None = field(default=None, metadata={
-        "help": "Real non-dermoscopic images for the guard's kind probe: a folder with a metadata.csv of "
-                "file,category (everyday, skin_clinical, document, medical). Half is fitted on, half reported."})
+        "help": "Real non-dermoscopic images for the guard's kind probe: folders (comma-separated) with a "
+                "metadata.csv of file,category (everyday, skin_clinical, document, medical) and where each image "
+                "came from (source, source_dataset or source_repo). Figures are leave-one-source-out."})
     guard_positives: str | None = field(default=None, metadata={
-        "help": "Dermoscopic images from other sources for the kind probe: a folder with a metadata.csv of "
-                "file,dx. Half is fitted on, half reported."})
+        "help": "Dermoscopic images from other sources for the kind probe: folders (comma-separated) with a "
+                "metadata.csv of file,dx (and a source column, else the file name's prefix names the source)."})
     guard_only: bool = field(default=False, metadata={
         "help": "Refit only the out-of-distribution guard; weights, temperature, reports and int8 stay."})
 

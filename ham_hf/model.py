@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ham_hf.errors import ModelError
@@ -113,12 +114,34 @@ def features_and_logits(model, pixel_values):
     return features, logits
 
 
-def forward_all(model, pixel_values):
-    """The last feature map, the pooled features the head reads and the logits, from one forward pass."""
+# How many of the backbone's stages (the last ones) the guard's texture statistics read.
+TEXTURE_STAGES = 4
+
+
+def forward_all(model, pixel_values, texture: bool = False):
+    """The last feature map, the pooled features the head reads and the logits (and `texture_statistics`)."""
     net = model.timm_model
-    feature_map = net.forward_features(pixel_values)
+    if texture:
+        feature_map, stages = net.forward_intermediates(pixel_values, indices=TEXTURE_STAGES)
+    else:
+        feature_map = net.forward_features(pixel_values)
     features = net.forward_head(feature_map, pre_logits=True)
-    return feature_map, features, head(model)(features)
+    outs = (feature_map, features, head(model)(features))
+    return (*outs, texture_statistics(stages)) if texture else outs
+
+
+def texture_statistics(maps) -> torch.Tensor:
+    """Each stage's per-channel mean and standard deviation over its positions, stage by stage: (N, 2 x channels).
+
+    What the early stages see of texture, scale and lighting, which the pooled last-stage features
+    lose (Lee et al. 2018; Pacheco et al. 2020): the guard reads them to tell dermoscopy from other photos.
+    """
+    out = []
+    for m in maps:
+        mean = m.mean(dim=(2, 3))
+        # E[x^2] - E[x]^2 rather than torch.std: two reductions that ONNX Runtime runs as they are.
+        out += [mean, (m.square().mean(dim=(2, 3)) - mean.square()).clamp_min(0).sqrt()]
+    return torch.cat(out, dim=1)
 
 
 def split_parameters(model) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -179,9 +179,14 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
         if int8:
             results.update({f"int8_{k}": v for k, v in fit_int8(model, data_config, cached, output_dir, guard).items()
                             if not isinstance(v, dict)})
-    results.update(guard.evaluate(lambda images: embed(model, images, data_config, bf16=bf16)[0], data_config,
+    results.update(guard.evaluate(_features_of(model, data_config, bf16), data_config,
                                   val_features, output_dir if write else None, colours_of=_colours))
     return results
+
+
+def _features_of(model, data_config, bf16: bool):
+    """images -> (features, texture statistics), as Guard.evaluate reads them."""
+    return lambda images: embed(model, images, data_config, bf16=bf16, texture=True)[::2]
 
 
 def _colours(images) -> np.ndarray:
@@ -269,8 +274,8 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             guard, results = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
                                          positives=guard_positives)
             guard.save(stage / ood.GUARD_FILE)
-            results.update(guard.evaluate(lambda images: embed(model, images, dc, bf16=bf16)[0], dc, val_features,
-                                          stage, colours_of=_colours))
+            results.update(guard.evaluate(_features_of(model, dc, bf16), dc, val_features, stage,
+                                          colours_of=_colours))
             split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
                              for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
         elif int8_only:
@@ -288,7 +293,9 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             split_metrics = results.pop("split_metrics", {})
             if results.pop("head_changed"):
                 export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
-        merged = json.loads(report.update_all_results(stage, results).read_text())
+        # A refitted guard replaces every figure of the one before (its keys all start "ood_").
+        stale = () if int8_only else ("ood_",)
+        merged = json.loads(report.update_all_results(stage, results, stale).read_text())
         if "temperature" in merged:  # the card's trust section exists only for a calibrated model
             hub.add_trust_section(stage / "README.md", merged, split_metrics)
         if target.exists() and target != src:

@@ -28,27 +28,30 @@ logger = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.DataConfig, batch_size: int = 64,
-          bf16: bool = False, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(features, logits) of decoded uint8 images through the model's eval preprocessing, as float32 numpy.
+          bf16: bool = False, tta: bool = False, texture: bool = False) -> tuple[np.ndarray, ...]:
+    """(features, logits[, texture]) of decoded uint8 images through the model's eval preprocessing, float32 numpy.
 
     With `tta`, as the app's test-time augmentation: the logits are the log of the probabilities
-    averaged over the 8 flip / rotation views, the features those of the image as given.
+    averaged over the 8 flip / rotation views, the features those of the image as given. With
+    `texture`, the stages' texture statistics too (`ham_hf.model.texture_statistics`; not with `tta`).
     """
     device = next(model.parameters()).device
     tensors = images.images if isinstance(images, CachedImages) else images
     pre = Preprocess(data_config).to(device)
     step = max(1, batch_size // TTA_VIEWS) if tta else batch_size  # the same images per forward pass
-    feats, logits = [], []
+    feats, logits, textures = [], [], []
     model.eval()
     for start in range(0, len(tensors), step):
         x = pre(tensors[start:start + step].to(device), train=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            f, z = model_lib.features_and_logits(model, tta_views(x) if tta else x)
+            _, f, z, *t = model_lib.forward_all(model, tta_views(x) if tta else x, texture=texture and not tta)
         if tta:
             f, z = f[:len(x)], z.float().softmax(dim=1).view(TTA_VIEWS, len(x), -1).mean(dim=0).log()
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
-    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+        textures += [t[0].float().cpu()] if t else []
+    outs = (torch.cat(feats).numpy(), torch.cat(logits).numpy())
+    return (*outs, torch.cat(textures).numpy()) if texture else outs
 
 
 def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,

@@ -1,12 +1,13 @@
-"""The guard's fit: the Mahalanobis score on the training split, and the kind probe on real uploads' kinds.
+"""The guard's fit: the Mahalanobis score on the training split, and the kind probe judged source by source.
 
 The probe (`ham_hf.serve.ood.Probe`) needs what HAM10000 lacks: real non-dermoscopic images with
-their kind (`--guard_negatives`: a folder with a `metadata.csv` of `file,category`, categories
+their kind (`--guard_negatives`: folders with a `metadata.csv` of `file,category`, categories
 everyday / skin_clinical / document / medical or a kind name) and dermoscopic images from other
-sources (`--guard_positives`: a labelled folder, `metadata.csv` of `file,dx`). A seeded half of
-each is fitted on (the first half by category or source, `ood.halves`); the figures recorded are on
-the other half, so they say how the guard holds on images it has not seen. Without both folders
-the guard is the Mahalanobis score alone, as before.
+sources (`--guard_positives`: labelled folders, `metadata.csv` of `file,dx`). Every image has a
+source (`source_of`). The probe is fitted on everything; its figures are leave-one-source-out: for
+each source in turn, the probe is fitted again without it and read on it, so they say how the guard
+holds on a camera, clinic or archive it never saw. Without both kinds of folder the guard is the
+Mahalanobis score alone.
 """
 
 from __future__ import annotations
@@ -27,28 +28,61 @@ logger = logging.getLogger(__name__)
 
 # ood-dev's categories -> the probe's kinds.
 CATEGORY_KINDS = {"everyday": "photo", "skin_clinical": "skin photo", "document": "document", "medical": "medical"}
-FAR_KINDS = ("photo", "document", "medical")
+FAR_KINDS = ("photo", "document", "medical", "other")
+HOME = "HAM10000"  # the source of the training images
+GENERATED = "generated"  # the source of the package's own non-dermoscopic images
+# HAM10000 training images the probe is fitted with: enough to stand for the home source, few enough
+# that the leave-one-source-out fits take a minute or two on a CPU.
+PROBE_HOME_SAMPLE = 1000
 
 
-def read_folder(folder: str | Path, column: str) -> tuple[list[Path], list[str]]:
-    """(image paths, the `column` of each) from a folder's metadata.csv; a DataError naming the fix."""
+def source_of(row: dict, path: Path) -> str:
+    """Which camera, clinic or archive an image came from.
+
+    The `source` column; else `source_dataset` (up to its first " ("); else `source_repo`, with a data
+    folder inside it (`data/<name>/...`) as a source of its own; else the file name's prefix (derm7pt_, ph2_).
+    """
+    if (row.get("source") or "").strip():
+        return row["source"].strip()
+    if (row.get("source_dataset") or "").strip():
+        return row["source_dataset"].split(" (")[0].strip()
+    repo = (row.get("source_repo") or "").strip()
+    if repo:
+        parts = (row.get("source_path") or "").split("/")
+        inner = parts.index("data") + 1 if "data" in parts[:-2] else None
+        return f"{repo}/{parts[inner]}" if inner is not None else repo
+    return path.name.split("_")[0].lower()
+
+
+def read_folder(folder: str | Path, column: str) -> tuple[list[Path], list[str], list[str]]:
+    """(image paths, the `column` of each, their sources) from a folder's metadata.csv; a DataError naming the fix."""
     root = Path(folder)
     table = root / "metadata.csv"
     if not table.is_file():
         raise DataError(f"{root} has no metadata.csv (file,{column}): the guard's folders list their images there")
-    rows = list(csv.DictReader(table.open()))
+    with table.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
     if column == "category":  # a negative needs its kind; a positive is dermoscopic whatever its dx
         rows = [r for r in rows if (r.get(column) or "").strip()]
-    paths = [next((c for c in (root / r["file"], root / "images" / r["file"]) if c.is_file()), None) for r in rows]
-    found = [(p, r.get(column, "")) for p, r in zip(paths, rows) if p is not None]
-    if not found:
-        raise DataError(f"no images listed in {table} were found beside it: nothing to fit the guard on")
-    return [p for p, _ in found], [v for _, v in found]
+    if not rows:
+        raise DataError(f"{table} lists no images{' with a category' if column == 'category' else ''}: "
+                        "nothing to fit the guard on")
+    paths = []
+    for line, r in enumerate(rows, start=2):
+        path = next((c for c in (root / r.get("file", ""), root / "images" / r.get("file", "")) if c.is_file()), None)
+        if path is None or not r.get("file"):
+            raise DataError(f"{table}, row {line}: {r.get('file')!r} is not there; add the file or delete its row")
+        paths.append(path)
+    return paths, [r.get(column, "") for r in rows], [source_of(r, p) for r, p in zip(rows, paths)]
 
 
-def source_of(path: Path) -> str:
-    """The source an external image came from, by its file name's prefix (derm7pt_, ISIC_, ph2_)."""
-    return path.name.split("_")[0].lower()
+def read_folders(folders, column: str) -> tuple[list[Path], list[str], list[str]]:
+    """read_folder over several folders, concatenated."""
+    out: tuple[list, list, list] = ([], [], [])
+    for folder in folders:
+        for whole, part in zip(out, read_folder(folder, column)):
+            whole.extend(part)
+    return out
 
 
 def decode(images, data_config) -> torch.Tensor:
@@ -64,48 +98,102 @@ def colours(images: torch.Tensor) -> np.ndarray:
     return np.stack([ood.colour_stats(im.numpy()) for im in images])
 
 
-def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_features: np.ndarray, bf16: bool,
-              negatives: str | None = None, positives: str | None = None) -> tuple[ood.Guard, dict]:
-    """The guard (with a kind probe when both folders are given) and its held-out figures."""
-    def features(images):
-        return embed(model, images, data_config, bf16=bf16)[0]
+def served_inputs(clf, images, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The guard's inputs (features, texture, colours) of images (paths, bytes or PIL), as a Classifier serves."""
+    out: dict[str, list] = {"features": [], "texture": [], "colours": []}
+    for start in range(0, len(images), batch_size):
+        decoded = [clf.decode(im) for im in images[start:start + batch_size]]
+        outs = clf.forward(clf.preprocess(torch.stack(decoded), train=False))
+        out["features"].append(outs.features)
+        out["texture"].append(outs.texture)
+        out["colours"].append(colours(decoded))
+    return {k: np.concatenate(v) for k, v in out.items()}
 
-    train_features = features(train)
+
+def by_source(guard: ood.Guard, rows: dict, val: tuple, **options) -> dict:
+    """Leave-one-source-out: for each source but the home one, fit the probe without it and read it there.
+
+    `rows`: features, texture, colours, kinds and sources of every image the probe is fitted on;
+    `val`: HAM10000 validation's (features, texture, colours), read with the probe fitted on everything.
+    Returns {source: {"kind", "n", "share"}}: the share flagged of a non-dermoscopic source, kept of a
+    dermoscopic one, through the guard's whole verdict (probe, Mahalanobis backstop, greyscale rule).
+    `options` go to `Probe.fit` (strength, quantile).
+    """
+    kinds, sources = np.asarray(rows["kinds"]), np.asarray(rows["sources"])
+    figures = {}
+    for source in sorted(set(sources) - {HOME, GENERATED}):
+        held = sources == source
+        guard.probe = ood.Probe.fit(rows["texture"][~held], rows["colours"][~held], kinds[~held], sources[~held],
+                                    val[1], val[2], home=HOME, name_kinds=False, **options)
+        inside = guard.judge(rows["features"][held], rows["colours"][held], texture=rows["texture"][held])[0]
+        names, counts = np.unique(kinds[held], return_counts=True)
+        kind = str(names[counts.argmax()])  # a source's kind: most of its images
+        figures[source] = {"kind": kind, "n": int(held.sum()),
+                           "share": float(inside.mean() if kind == "dermoscopic" else 1 - inside.mean())}
+    guard.probe = None
+    return figures
+
+
+def summary(figures: dict, validation_kept: float) -> dict:
+    """The figures that count: the worst and the mean held-out source of each group."""
+    groups = {"skin_photo_flagged": [v["share"] for v in figures.values() if v["kind"] == "skin photo"],
+              "far_flagged": [v["share"] for v in figures.values() if v["kind"] in FAR_KINDS],
+              "external_kept": [v["share"] for v in figures.values() if v["kind"] == "dermoscopic"]}
+    out = {"ood_validation_kept": validation_kept}
+    for name, shares in groups.items():
+        if shares:
+            out.update({f"ood_loso_{name}_worst": float(min(shares)), f"ood_loso_{name}_mean": float(np.mean(shares)),
+                        f"ood_loso_{name}_sources": len(shares)})
+    return out
+
+
+def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_features: np.ndarray, bf16: bool,
+              negatives=None, positives=None) -> tuple[ood.Guard, dict]:
+    """The guard (with a kind probe when both kinds of folder are given) and its leave-one-source-out figures."""
+    def embedded(images) -> tuple[np.ndarray, np.ndarray]:
+        features, _, texture = embed(model, images, data_config, bf16=bf16, texture=True)
+        return features, texture
+
+    train_features = embed(model, train, data_config, bf16=bf16)[0]
     guard = ood.Guard.fit(train_features, train.labels.numpy(), val_features)
+    negatives, positives = _folders(negatives), _folders(positives)
     if not (negatives and positives):
         if negatives or positives:
             logger.warning("the kind probe needs both --guard_negatives and --guard_positives: Mahalanobis only")
         return guard, {}
-    neg_paths, categories = read_folder(negatives, "category")
-    pos_paths, sources = read_folder(positives, "dx")
-    neg_images, pos_images = decode(neg_paths, data_config), decode(pos_paths, data_config)
-    neg_f, pos_f = features(neg_images), features(pos_images)
-    neg_c, pos_c = colours(neg_images), colours(pos_images)
-    kinds = [CATEGORY_KINDS.get(c, c if c in ood.KINDS else "other") for c in categories]
-    neg_fit, pos_fit = ood.halves(categories), ood.halves(source_of(p) for p in pos_paths)
-    package = [im for _, im in ood.non_dermoscopic_images()]
-    pack_images = decode(package, data_config)
-    pack_f, pack_c = features(pack_images), colours(pack_images)
-    val_c = colours(val.images)
-    guard.probe = ood.Probe.fit(guard, np.r_[train_features, pos_f[pos_fit]],
-                                np.r_[colours(train.images), pos_c[pos_fit]],
-                                np.r_[pack_f, neg_f[neg_fit]], np.r_[pack_c, neg_c[neg_fit]],
-                                ["other"] * len(package) + [k for k, f in zip(kinds, neg_fit) if f],
-                                val_features, val_c, positives_fit=pos_f[pos_fit], positives_fit_colours=pos_c[pos_fit])
-    inside = {name: guard.judge(f, c)[0] for name, (f, c) in
-              {"val": (val_features, val_c), "neg": (neg_f, neg_c), "pos": (pos_f, pos_c)}.items()}
-    kinds_arr = np.array(kinds)
-    held = ~neg_fit
-    figures = {
-        "ood_probe_kinds": ", ".join(guard.probe.kinds), "ood_probe_min_dermoscopic": guard.probe.min_dermoscopic,
-        "ood_heldout_far_flagged": float((~inside["neg"])[held & np.isin(kinds_arr, FAR_KINDS)].mean()),
-        "ood_heldout_skin_photo_flagged": float((~inside["neg"])[held & (kinds_arr == "skin photo")].mean()),
-        "ood_heldout_external_kept": float(inside["pos"][~pos_fit].mean()),
-        "ood_heldout_n_negatives": int(held.sum()), "ood_heldout_n_external": int((~pos_fit).sum()),
-        "ood_validation_kept": float(inside["val"].mean()),
-    }
-    logger.info("guard on held-out halves: far-OOD flagged %.1f%%, skin photos flagged %.1f%%, external dermoscopy "
-                "kept %.1f%%, HAM10000 validation kept %.1f%%", 100 * figures["ood_heldout_far_flagged"],
-                100 * figures["ood_heldout_skin_photo_flagged"], 100 * figures["ood_heldout_external_kept"],
-                100 * figures["ood_validation_kept"])
-    return guard, figures
+    neg_paths, categories, neg_sources = read_folders(negatives, "category")
+    if len(set(neg_sources)) < 2:
+        raise DataError(f"the guard's negatives ({', '.join(map(str, negatives))}) come from one source "
+                        f"({neg_sources[0]}): judging by source needs two or more to leave out in turn; add a "
+                        "folder, or a `source` column naming where each image came from")
+    pos_paths, _, pos_sources = read_folders(positives, "dx")
+    home = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:PROBE_HOME_SAMPLE]]
+    package = decode([im for _, im in ood.non_dermoscopic_images()], data_config)
+    images = torch.cat([home, decode(pos_paths, data_config), package, decode(neg_paths, data_config)])
+    features, texture = embedded(images)
+    kinds = (["dermoscopic"] * (len(home) + len(pos_paths)) + ["other"] * len(package)
+             + [CATEGORY_KINDS.get(c, c if c in ood.KINDS[1:] else "other") for c in categories])
+    sources = [HOME] * len(home) + pos_sources + [GENERATED] * len(package) + neg_sources
+    rows = {"features": features, "texture": texture, "colours": colours(images), "kinds": kinds, "sources": sources}
+    val_texture, val_colours = embedded(val)[1], colours(val.images)
+    figures = by_source(guard, rows, (val_features, val_texture, val_colours))
+    guard.probe = ood.Probe.fit(texture, rows["colours"], kinds, sources, val_texture, val_colours, home=HOME)
+    kept = float(guard.judge(val_features, val_colours, texture=val_texture)[0].mean())
+    results = {"ood_probe_kinds": ", ".join(guard.probe.kinds), "ood_guard_version": ood.VERSION,
+               "ood_probe_min_dermoscopic": guard.probe.min_dermoscopic, **summary(figures, kept),
+               "ood_by_source": figures}
+    logger.info("guard, leave-one-source-out: skin photos flagged %.1f%% worst / %.1f%% mean, far-OOD flagged %.1f%% "
+                "worst, other dermoscopy kept %.1f%% worst; HAM10000 validation kept %.1f%%",
+                100 * results.get("ood_loso_skin_photo_flagged_worst", float("nan")),
+                100 * results.get("ood_loso_skin_photo_flagged_mean", float("nan")),
+                100 * results.get("ood_loso_far_flagged_worst", float("nan")),
+                100 * results.get("ood_loso_external_kept_worst", float("nan")), 100 * kept)
+    return guard, results
+
+
+def _folders(value) -> list[str]:
+    """One folder or several (a list, or one string of comma-separated folders)."""
+    if not value:
+        return []
+    items = [value] if isinstance(value, (str, Path)) else list(value)
+    return [f.strip() for item in items for f in str(item).split(",") if f.strip()]

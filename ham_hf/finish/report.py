@@ -152,10 +152,11 @@ def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, l
     return result
 
 
-def update_all_results(output_dir: str | Path, results: dict) -> Path:
-    """Merge flat results into all_results.json (as transformers' examples keep it)."""
+def update_all_results(output_dir: str | Path, results: dict, stale: tuple[str, ...] = ()) -> Path:
+    """Merge results into all_results.json (as transformers' examples keep it), first dropping keys starting `stale`."""
     path = Path(output_dir) / "all_results.json"
     current = json.loads(path.read_text()) if path.is_file() else {}
+    current = {k: v for k, v in current.items() if not (stale and k.startswith(stale))}
     current.update(results)
     path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
     return path

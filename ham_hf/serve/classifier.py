@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,15 @@ class Answer:
     cam: np.ndarray | None = None  # class activation map of the top class, in [0, 1] at the feature map's size
     in_distribution: bool | None = None
     ood_kind: str | None = None
+
+
+class Outputs(NamedTuple):
+    """What one forward pass gives for a batch."""
+
+    logits: np.ndarray  # (N, classes), float64
+    features: np.ndarray  # (N, D) pooled features the head reads
+    texture: np.ndarray  # (N, T) the stages' texture statistics (ham_hf.model.texture_statistics)
+    feature_map: np.ndarray | None = None  # (N, C, H, W) the last stage's map, when asked for
 
 
 def class_activation_map(feature_map: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
@@ -220,19 +229,19 @@ class Classifier:
         return self.preprocess(torch.stack(self._decode_all(images)).to(self.device), train=False)
 
     @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> tuple[np.ndarray, ...]:
-        """Run the model on a preprocessed batch: float64 logits, pooled features (and the last feature map)."""
+    def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> Outputs:
+        """Run the model on a preprocessed batch: logits (float64), features, texture (and the last feature map)."""
         if self.backend.startswith("onnx"):
-            names = ["logits", "features", "feature_map"] if feature_map else ["logits", "features"]
+            names = ["logits", "features", "texture"] + (["feature_map"] if feature_map else [])
             outs = self._session.run(names, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
-            return (outs[0].astype(np.float64), *outs[1:])
-        fmap, features, logits = model_lib.forward_all(self.model, pixel_values)
-        outs = (logits.double().cpu().numpy(), features.float().cpu().numpy())
-        return (*outs, fmap.float().cpu().numpy()) if feature_map else outs
+            return Outputs(outs[0].astype(np.float64), *outs[1:])
+        fmap, features, logits, texture = model_lib.forward_all(self.model, pixel_values, texture=True)
+        return Outputs(logits.double().cpu().numpy(), features.float().cpu().numpy(), texture.float().cpu().numpy(),
+                       fmap.float().cpu().numpy() if feature_map else None)
 
     def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Run the model on a preprocessed batch; return float64 logits."""
-        return self.forward(pixel_values)[0]
+        return self.forward(pixel_values).logits
 
     def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
@@ -268,23 +277,22 @@ class Classifier:
         # The other 7 views of the images that asked for them, view-major, after the images themselves.
         batch = torch.cat([x, tta_views(x[turned])[len(turned):]]) if turned else x
         outs = self.forward(batch, feature_map=cam)
-        logits, features = outs[0], outs[1]
-        probs, n = softmax(logits), len(decoded)
+        probs, n = softmax(outs.logits), len(decoded)
         extra = probs[n:].reshape(TTA_VIEWS - 1, len(turned), probs.shape[1]) if turned else None
         scores, verdicts, kinds = [None] * n, [None] * n, [None] * n
         if self.guard is not None:
             from ham_hf.serve.ood import colour_stats
 
             colours = np.stack([colour_stats(d.numpy()) for d in decoded])
-            scores = self.guard.score(features[:n])
-            verdicts, kinds = self.guard.judge(features[:n], colours, scores)
+            scores = self.guard.score(outs.features[:n])
+            verdicts, kinds = self.guard.judge(outs.features[:n], colours, scores, outs.texture[:n])
         answers, k = [], 0
         for i in range(n):
             p = probs[i]
             if flags[i]:
                 p = (p + extra[:, k].sum(axis=0)) / TTA_VIEWS
                 k += 1
-            heat = class_activation_map(outs[2][i], self.head_weight[int(p.argmax())]) if cam else None
+            heat = class_activation_map(outs.feature_map[i], self.head_weight[int(p.argmax())]) if cam else None
             answers.append(Answer(p, None if scores[i] is None else float(scores[i]), heat,
                                   None if verdicts[i] is None else bool(verdicts[i]), kinds[i]))
         return answers

@@ -25,9 +25,9 @@ def _upsample(cam: np.ndarray, size: int) -> np.ndarray:
 def class_activation(classifier: Classifier, image, class_index: int | None = None) -> tuple[np.ndarray, int]:
     """Return (CAM in [0, 1] at the model's input size, class index explained) for one image."""
     x = classifier.preprocess(classifier.decode(image)[None].to(classifier.device), train=False)
-    logits, _, feature_map = classifier.forward(x, feature_map=True)
-    index = int(logits[0].argmax()) if class_index is None else int(class_index)
-    cam = class_activation_map(feature_map[0], classifier.head_weight[index])
+    outs = classifier.forward(x, feature_map=True)
+    index = int(outs.logits[0].argmax()) if class_index is None else int(class_index)
+    cam = class_activation_map(outs.feature_map[0], classifier.head_weight[index])
     if cam is None:
         raise ValueError("a class activation map needs a convolutional feature map (C, H, W)")
     return _upsample(cam, classifier.data_config.size), index

@@ -24,22 +24,33 @@ logger = logging.getLogger(__name__)
 
 
 # Bumped when the graph's outputs change, so cached exports of older graphs are not reused.
-GRAPH_VERSION = "logits+features+feature_map(identity)"
-OUTPUTS = ("logits", "features", "feature_map")
+GRAPH_VERSION = "logits+features+feature_map(identity)+texture"
+OUTPUTS = ("logits", "features", "feature_map", "texture")
+
+
+class _Texture(nn.Module):
+    """The stages' texture statistics, as a module of its own so its nodes are named /texture/... (left float)."""
+
+    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+        from ham_hf.model import texture_statistics
+
+        return texture_statistics(maps)
 
 
 class _Outputs(nn.Module):
-    """Wrap the transformers model so the graph maps pixel_values to logits, pooled features and the feature map."""
+    """Wrap the transformers model: pixel_values to logits, pooled features, the feature map and texture statistics."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model, self.texture = model, _Texture()
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from ham_hf.model import forward_all
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from ham_hf.model import TEXTURE_STAGES, head
 
-        feature_map, features, logits = forward_all(self.model, pixel_values)
-        return logits, features, feature_map
+        net = self.model.timm_model
+        feature_map, stages = net.forward_intermediates(pixel_values, indices=TEXTURE_STAGES)
+        features = net.forward_head(feature_map, pre_logits=True)
+        return head(self.model)(features), features, feature_map, self.texture(*stages)
 
 
 def weights_digest(model, size: int) -> str:
@@ -226,13 +237,14 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
 
 
 def float_nodes(graph) -> list[str]:
-    """The nodes int8 leaves float: all before the graph's stride passes FLOAT_UNTIL_STRIDE, and the head."""
+    """The nodes int8 leaves float: all before the graph's stride passes FLOAT_UNTIL_STRIDE, the head, the texture."""
     names, stride, early = [], 1, True
     for node in graph.node:  # ONNX keeps nodes in topological order
         if early and node.op_type in ("Conv", "MaxPool", "AveragePool"):
             stride *= max(next((list(a.ints) for a in node.attribute if a.name == "strides"), [1]))
             early = stride <= FLOAT_UNTIL_STRIDE
-        if early or node.op_type in ("Gemm", "MatMul", "GlobalAveragePool", "Flatten"):
+        if early or node.op_type in ("Gemm", "MatMul", "GlobalAveragePool", "Flatten") or \
+                node.name.startswith("/texture/"):
             names.append(node.name)
     return names
 

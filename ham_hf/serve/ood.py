@@ -35,7 +35,7 @@ GUARD_FILE = "ood_guard.safetensors"
 PCA_DIMS = 384
 KEEP_QUANTILE = 0.99
 MARGIN = 1.25
-VERSION = "2"  # 2: an optional kind probe beside the Mahalanobis score
+VERSION = "3"  # 3: the kind probe reads the stages' texture statistics (2: the pooled features)
 # With a kind probe, the Mahalanobis threshold times this only catches what is far from everything
 # (research/README.md, "The guard on real uploads": at x1 it turned away 14% of other clinics' dermoscopy).
 BACKSTOP = 3.0
@@ -104,25 +104,25 @@ class Guard:
         """Whether each Mahalanobis score passes the threshold (times BACKSTOP when a probe decides too)."""
         return np.asarray(scores) <= self.threshold * (BACKSTOP if self.probe is not None else 1.0)
 
-    def judge(self, features: np.ndarray, colours: np.ndarray | None = None,
-              scores: np.ndarray | None = None) -> tuple[np.ndarray, list]:
+    def judge(self, features: np.ndarray, colours: np.ndarray | None = None, scores: np.ndarray | None = None,
+              texture: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """(in distribution?, what it seems to be: a KINDS name, or None when in) for each image.
 
-        `scores` are the features' `score`s when the caller has them already (the serving path reports them).
+        `scores` are the features' `score`s when the caller has them already (the serving path reports them);
+        the probe reads `texture` (the stages' texture statistics) and `colours`.
         """
         with _blas_threads(1):  # small products: BLAS threads left spinning would slow the next forward pass
-            return self._judge(features, colours, self.score(features) if scores is None else scores)
+            return self._judge(colours, self.score(features) if scores is None else scores, texture)
 
-    def _judge(self, features: np.ndarray, colours: np.ndarray | None, scores: np.ndarray) -> tuple[np.ndarray, list]:
+    def _judge(self, colours: np.ndarray | None, scores: np.ndarray, texture: np.ndarray | None
+               ) -> tuple[np.ndarray, list]:
         """judge(), on the calling thread's BLAS."""
         inside = self.in_distribution(scores)
         kinds: list = [None if ok else "other" for ok in inside]
-        if self.probe is not None and colours is not None:
-            probs = self.probe.probabilities(self, features, colours)
-            looks = probs[:, 0] >= self.probe.min_dermoscopic
-            for i, row in enumerate(probs):
-                if not looks[i]:
-                    kinds[i] = self.probe.kinds[1 + int(np.argmax(row[1:]))]
+        if self.probe is not None and colours is not None and texture is not None:
+            looks = self.probe.dermoscopic(texture, colours) >= self.probe.min_dermoscopic
+            for i, kind in zip(np.flatnonzero(~looks), self.probe.kind_of(texture[~looks], colours[~looks])):
+                kinds[i] = kind
             inside = inside & looks
         grey = np.asarray(colours)[:, 1] > GREY_SHARE if colours is not None else np.zeros(len(inside), bool)
         for i in np.flatnonzero(grey):  # dermoscopy is a colour photograph: a greyscale image is not one
@@ -140,8 +140,7 @@ class Guard:
         if self.probe is not None:
             meta.update(probe_kinds=json.dumps(list(self.probe.kinds)),
                         probe_min_dermoscopic=repr(self.probe.min_dermoscopic))
-            arrays.update(probe_weight=self.probe.weight, probe_bias=self.probe.bias, probe_scale=self.probe.scale,
-                          probe_offset=self.probe.offset)
+            arrays.update({f"probe_{k}": getattr(self.probe, k) for k in Probe.ARRAYS})
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(path), metadata=meta)
         return Path(path)
 
@@ -154,15 +153,22 @@ class Guard:
             with safe_open(str(path), "np") as fh:
                 meta = fh.metadata() or {}
                 arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+            if meta.get("version", "1") != VERSION and "probe_weight" in arrays:
+                raise ModelError(f"{path} is a guard of version {meta.get('version')}, whose kind probe read the "
+                                 f"pooled features; this version ({VERSION}) reads texture statistics: refit it with "
+                                 "`ham-hf calibrate --model DIR --data ... --guard_only true --guard_negatives ... "
+                                 "--guard_positives ...`")
             probe = None
             if "probe_weight" in arrays:
-                probe = Probe(arrays["probe_weight"], arrays["probe_bias"], arrays["probe_scale"],
-                              arrays["probe_offset"], tuple(json.loads(meta["probe_kinds"])),
-                              float(meta["probe_min_dermoscopic"]))
+                probe = Probe(**{k: arrays[f"probe_{k}"] for k in Probe.ARRAYS},
+                              kinds=tuple(json.loads(meta["probe_kinds"])),
+                              min_dermoscopic=float(meta["probe_min_dermoscopic"]))
             guard = cls(arrays["mean"], arrays["components"], arrays["centres"], arrays["precision"],
                         threshold=float(meta["threshold"]),
                         keep_quantile=float(meta.get("keep_quantile", KEEP_QUANTILE)), probe=probe)
-        except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        except ModelError:
+            raise
+        except (SafetensorError, KeyError, ValueError, OSError, TypeError) as exc:
             raise ModelError(f"{path} is not a usable OOD guard file ({exc}); refit it with "
                              "`ham-hf calibrate --model DIR --data ...`") from None
         return guard
@@ -171,8 +177,8 @@ class Guard:
                  colours_of=None) -> dict:
         """AUROC and share flagged on the package's non-dermoscopic images; share of validation lesions kept.
 
-        `features_of` maps a (N, H, W, 3) uint8 tensor of decoded images to their (N, D) features;
-        `colours_of` to their colour statistics, for a guard with a kind probe.
+        `features_of` maps a (N, H, W, 3) uint8 tensor of decoded images to their ((N, D) features,
+        (N, T) texture statistics); `colours_of` to their colour statistics, for a guard with a kind probe.
         """
         import torch
         from sklearn.metrics import roc_auc_score
@@ -182,7 +188,7 @@ class Guard:
         names, images = zip(*non_dermoscopic_images())
         cached = torch.stack([torch.from_numpy(resize_square(load_rgb(im), data_config.resize,
                                                               data_config.interpolation)) for im in images])
-        outside_features = features_of(cached)
+        outside_features, outside_texture = features_of(cached)
         outside = self.score(outside_features)
         inside = self.score(val_features)
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
@@ -192,7 +198,7 @@ class Guard:
                    "ood_n_images": len(outside)}
         flagged = ~self.in_distribution(outside)
         if self.probe is not None and colours_of is not None:
-            flagged = ~self.judge(outside_features, colours_of(cached), outside)[0]
+            flagged = ~self.judge(outside_features, colours_of(cached), outside, outside_texture)[0]
             figures.pop("ood_validation_kept")  # the caller's, with colours: the probe decides too
         figures["ood_flagged"] = float(flagged.mean())
         if output_dir is not None:  # each image's verdict as served (the probe's too), beside its score
@@ -210,21 +216,13 @@ GREY_SATURATION = 0.08  # HSV saturation under which a pixel counts as grey
 # An image with more grey pixels than this is greyscale: the most in 3,707 dermoscopic images
 # (HAM10000 and other sources) is 0.86, so this leaves room for pale lesions on pale skin.
 GREY_SHARE = 0.95
-# The probe's regularisation (inverse strength): chosen on held-out halves (research/README.md).
+# The probe's regularisation (inverse strength), chosen by leave-one-source-out (research/README.md).
 PROBE_C = 0.03
-# The probe's floor, as a share of the lowest P(dermoscopic) of the images it was fitted to keep:
-# dermatoscopes it never saw sit further out than the ones it did (research/README.md, repeated halves).
-PROBE_MARGIN = 0.2
-
-
-def halves(groups, seed: int = 0) -> np.ndarray:
-    """A seeded 50/50 split within each group (category, source): True marks the half a guard is fitted on."""
-    groups = list(groups)
-    rng, fit = np.random.default_rng(seed), np.zeros(len(groups), dtype=bool)
-    for g in sorted(set(groups)):
-        idx = rng.permutation([i for i, x in enumerate(groups) if x == g])
-        fit[idx[: len(idx) // 2]] = True
-    return fit
+# The floor gives up at most this share of a dermatoscope the probe never saw, as measured by fitting
+# without each fitted source of other dermoscopy in turn (research/README.md, "A guard judged by source").
+PROBE_QUANTILE = 0.2
+# Added before the log of the texture statistics (means and deviations of post-ReLU maps, >= 0).
+TEXTURE_EPS = 1e-3
 
 
 def colour_stats(rgb: np.ndarray) -> np.ndarray:
@@ -235,60 +233,100 @@ def colour_stats(rgb: np.ndarray) -> np.ndarray:
     return np.array([saturation.mean(), (saturation < GREY_SATURATION).mean()], dtype=np.float32)
 
 
+def source_weights(labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """Sample weights under which every source weighs alike within its class, and the two classes alike."""
+    labels, sources = np.asarray(labels), np.asarray(sources)
+    _, index, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    w = 1.0 / counts[index]
+    for c in np.unique(labels):
+        w[labels == c] /= w[labels == c].sum()
+    return w * len(w) / len(np.unique(labels))
+
+
 @dataclass
 class Probe:
-    """A multinomial logistic regression on the guard's subspace and colour statistics: what kind of image is it?"""
+    """Is it dermoscopy, and if not, what is it? Logistic regressions on the stages' texture and colour statistics.
 
-    weight: np.ndarray      # (K, d + 2)
-    bias: np.ndarray        # (K,)
-    scale: np.ndarray       # (d + 2,) standardisation of the inputs
-    offset: np.ndarray      # (d + 2,)
-    kinds: tuple[str, ...]  # class names, "dermoscopic" first
-    min_dermoscopic: float  # P(dermoscopic) below this: flagged
+    `weight` / `bias` give P(dermoscopic), fitted with every source weighing alike (no one archive or camera
+    defines "dermoscopy"); `kind_weight` / `kind_bias` name a flagged image's likeliest kind among the negatives'.
+    """
+
+    ARRAYS = ("weight", "bias", "kind_weight", "kind_bias", "scale", "offset")
+
+    weight: np.ndarray       # (F,) dermoscopic or not, on standardised inputs
+    bias: np.ndarray         # (1,)
+    kind_weight: np.ndarray  # (K, F) the negatives' kinds
+    kind_bias: np.ndarray    # (K,)
+    scale: np.ndarray        # (F,) standardisation of the inputs
+    offset: np.ndarray       # (F,)
+    kinds: tuple[str, ...]   # the negatives' kinds, in kind_weight's order
+    min_dermoscopic: float   # P(dermoscopic) below this: flagged
 
     @staticmethod
-    def inputs(guard: "Guard", features: np.ndarray, colours: np.ndarray) -> np.ndarray:
-        """The probe's inputs: the guard's PCA coordinates and the colour statistics."""
-        mean, projection = guard._float64[:2]
-        return np.c_[(np.asarray(features, dtype=np.float64) - mean) @ projection, np.asarray(colours)]
+    def inputs(texture, colours) -> np.ndarray:
+        """The probe's inputs: the log of the texture statistics (scale-free) and the colour statistics."""
+        return np.c_[np.log(np.asarray(texture, dtype=np.float64) + TEXTURE_EPS), np.asarray(colours, np.float64)]
+
+    def _standard(self, texture, colours) -> np.ndarray:
+        """Standardised inputs."""
+        return (self.inputs(texture, colours) - self.offset) / self.scale
+
+    def dermoscopic(self, texture, colours) -> np.ndarray:
+        """P(dermoscopic) of each image."""
+        return 1.0 / (1.0 + np.exp(-(self._standard(texture, colours) @ self.weight + self.bias[0])))
+
+    def kind_of(self, texture, colours) -> list[str]:
+        """The likeliest non-dermoscopic kind of each image."""
+        if not len(texture):
+            return []
+        z = self._standard(texture, colours) @ self.kind_weight.T + self.kind_bias
+        return [self.kinds[i] for i in z.argmax(axis=1)]
 
     @classmethod
-    def fit(cls, guard: "Guard", pos_f, pos_c, neg_f, neg_c, neg_kinds, val_f, val_c, strength: float = PROBE_C,
-            keep: float = KEEP_QUANTILE, positives_fit=None, positives_fit_colours=None,
-            margin: float = PROBE_MARGIN) -> "Probe":
-        """Fit on dermoscopic (pos) and labelled non-dermoscopic (neg) images.
+    def fit(cls, texture, colours, kinds, sources, val_texture, val_colours, strength: float = PROBE_C,
+            quantile: float = PROBE_QUANTILE, keep: float = KEEP_QUANTILE, home: str | None = None,
+            name_kinds: bool = True) -> "Probe":
+        """Fit on labelled images: `kinds` ("dermoscopic" or a KINDS name) and `sources`, one per image.
 
-        The threshold is `margin` times the P(dermoscopic) that keeps `keep` of the validation lesions
-        and every one of `positives_fit` (dermoscopy from other sources the probe was fitted on),
-        whichever is lower: other clinics' images sit further from HAM10000 than its own validation
-        split does, and unseen ones further still (research/README.md, "The guard on real uploads").
+        Without `name_kinds` the kind model is left out (every flagged image is "other"): what a
+        leave-one-source-out fit needs, at a fraction of the time.
+
+        The floor is the lowest of: the P(dermoscopic) that keeps `keep` of validation, and for each
+        fitted source of dermoscopy but `home` (the training set's), the `quantile` of P(dermoscopic)
+        that a fit without that source gives its images: how far out a dermatoscope it never saw sits.
         """
         from sklearn.linear_model import LogisticRegression
 
-        x = np.r_[cls.inputs(guard, pos_f, pos_c), cls.inputs(guard, neg_f, neg_c)]
+        x = cls.inputs(texture, colours)
         offset, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-        y = ["dermoscopic"] * len(pos_f) + list(neg_kinds)
-        kinds = ("dermoscopic", *[k for k in KINDS[1:] if k in set(neg_kinds)])
-        model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
-        model.fit((x - offset) / scale, [kinds.index(k) for k in y])
-        probe = cls(model.coef_.astype(np.float32), model.intercept_.astype(np.float32), scale.astype(np.float32),
-                    offset.astype(np.float32), kinds, 0.0)
-        floor = np.quantile(probe.probabilities(guard, val_f, val_c)[:, 0], 1 - keep)
-        if positives_fit is not None and len(positives_fit):
-            others = probe.probabilities(guard, positives_fit, positives_fit_colours)[:, 0]
-            floor = min(floor, others.min())
-        probe.min_dermoscopic = float(margin * floor)
+        z, kinds, sources = (x - offset) / scale, np.asarray(kinds), np.asarray(sources)
+        positive = kinds == "dermoscopic"
+
+        def dermoscopy(rows) -> LogisticRegression:
+            w = source_weights(positive[rows], sources[rows])
+            return LogisticRegression(C=strength, max_iter=3000).fit(z[rows], positive[rows], sample_weight=w)
+
+        main = dermoscopy(np.ones(len(z), dtype=bool))
+        named = tuple(k for k in KINDS[1:] if k in set(kinds[~positive]))
+        if len(named) == 1 or not name_kinds:  # one kind of negative: every flagged image is said to be that
+            named = named if name_kinds else ("other",)
+            kind_weight, kind_bias = np.zeros((1, z.shape[1])), np.zeros(1)
+        else:
+            kind_model = LogisticRegression(C=strength, class_weight="balanced", max_iter=3000)
+            kind_model.fit(z[~positive], [named.index(k) for k in kinds[~positive]])
+            kind_weight, kind_bias = kind_model.coef_, kind_model.intercept_
+        if len(named) == 2:  # scikit-learn gives one row for two classes: the second's logit against the first
+            kind_weight, kind_bias = np.r_[-kind_weight, kind_weight] / 2, np.r_[-kind_bias, kind_bias] / 2
+        probe = cls(main.coef_[0].astype(np.float32), main.intercept_.astype(np.float32),
+                    kind_weight.astype(np.float32), kind_bias.astype(np.float32), scale.astype(np.float32),
+                    offset.astype(np.float32), named, 0.0)
+        floors = [float(np.quantile(probe.dermoscopic(val_texture, val_colours), 1 - keep))]
+        for source in sorted(set(sources[positive]) - {home}):
+            held = sources == source
+            without = dermoscopy(~held)
+            floors.append(float(np.quantile(without.predict_proba(z[held])[:, 1], quantile)))
+        probe.min_dermoscopic = min(floors)
         return probe
-
-    def probabilities(self, guard: "Guard", features, colours) -> np.ndarray:
-        """(N, K) probabilities of the kinds."""
-        z = (self.inputs(guard, features, colours) - self.offset) / self.scale @ self.weight.T + self.bias
-        z = np.exp(z - z.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
-
-    def accepts(self, guard: "Guard", features, colours) -> np.ndarray:
-        """Whether each image is dermoscopic enough to answer."""
-        return self.probabilities(guard, features, colours)[:, 0] >= self.min_dermoscopic
 
 
 _CONTROLLER = None

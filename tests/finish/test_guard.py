@@ -1,4 +1,4 @@
-"""The guard's fit with a kind probe: real negatives and other sources' dermoscopy, half fitted, half reported."""
+"""The guard's fit with a kind probe: real negatives and other sources' dermoscopy, judged source by source."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ham_hf.cli import main
-from ham_hf.errors import DataError
+from ham_hf.errors import DataError, ModelError
 from ham_hf.finish.guard import read_folder
 from ham_hf.serve import ood
 from ham_hf.serve.classifier import Classifier
@@ -18,8 +18,8 @@ from conftest import CLASS_COLOURS, tiny_jpeg
 
 
 def _negatives(root):
-    """A folder like ood-dev: generated photos, charts and scans by category."""
-    rows = ["file,category"]
+    """A folder like ood-dev: generated photos, charts and scans by category, from two sources."""
+    rows = ["file,category,source"]
     images = dict(ood.generated_images(seed=3))
     groups = {"everyday": [k for k in images if k.startswith(("noise", "gradient"))],
               "document": [k for k in images if k.startswith("chart")],
@@ -27,15 +27,15 @@ def _negatives(root):
               "medical": ["solid-128-128-128", "solid-0-0-0", "solid-255-255-255"]}
     (root / "images").mkdir(parents=True)
     for category, names in groups.items():
-        for name in names:
+        for i, name in enumerate(names):
             images[name].save(root / "images" / f"{category}_{name}.png")
-            rows.append(f"images/{category}_{name}.png,{category}")
+            rows.append(f"images/{category}_{name}.png,{category},{category}-{'a' if i % 2 else 'b'}")
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
 def _positives(root):
-    """A folder like dermoscopy-external: lesion-like images from two 'sources'."""
+    """A folder like dermoscopy-external: lesion-like images from two 'sources' (named by the file prefix)."""
     rows = ["file,dx"]
     for i, (code, colour) in enumerate(list(CLASS_COLOURS.items()) * 2):
         name = f"{'srca' if i % 2 else 'srcb'}_{i}.jpg"
@@ -45,8 +45,8 @@ def _positives(root):
     return root
 
 
-def test_the_guard_learns_kinds_from_real_folders_and_reports_on_the_held_out_half(calibrated_tiny_model, ham_dir_ro,
-                                                                                   tmp_path):
+def test_the_guard_learns_from_real_folders_and_is_judged_source_by_source(calibrated_tiny_model, ham_dir_ro,
+                                                                           tmp_path):
     model = tmp_path / "model"
     shutil.copytree(calibrated_tiny_model, model)
     weights = (model / "model.safetensors").read_bytes()
@@ -55,15 +55,20 @@ def test_the_guard_learns_kinds_from_real_folders_and_reports_on_the_held_out_ha
                  "--guard_negatives", str(negatives), "--guard_positives", str(positives)]) == 0
     assert (model / "model.safetensors").read_bytes() == weights  # the guard alone was refitted
     guard = ood.Guard.load(model / ood.GUARD_FILE)
-    assert guard.probe is not None and guard.probe.kinds[0] == "dermoscopic"
-    assert {"photo", "document", "skin photo", "medical", "other"} <= set(guard.probe.kinds)
+    assert guard.probe is not None and {"photo", "document", "skin photo", "medical", "other"} <= set(guard.probe.kinds)
     results = json.loads((model / "all_results.json").read_text())
-    for key in ("ood_heldout_far_flagged", "ood_heldout_skin_photo_flagged", "ood_heldout_external_kept",
+    by_source = results["ood_by_source"]  # every source but the home one and the generated images, held out once
+    categories = ("everyday", "document", "skin_clinical", "medical")
+    assert set(by_source) == {f"{c}-{x}" for c in categories for x in "ab"} | {"srca", "srcb"}
+    assert by_source["srca"]["kind"] == "dermoscopic" and by_source["srca"]["n"] == 7
+    for key in ("ood_loso_far_flagged_worst", "ood_loso_skin_photo_flagged_mean", "ood_loso_external_kept_worst",
                 "ood_validation_kept"):
         assert 0 <= results[key] <= 1, key
-    card = (model / "README.md").read_text()  # the card says what the probe does on the halves it did not see
-    assert "A kind probe" in card
-    assert f"dermoscopy from other sources kept: {100 * results['ood_heldout_external_kept']:.1f}%" in card
+    assert not [k for k in results if k.startswith("ood_heldout_")]  # the figures of an earlier guard are gone
+    card = (model / "README.md").read_text()  # the card says how the guard holds on each held-out source
+    assert "Judged by source" in card
+    assert f"worst source {100 * results['ood_loso_external_kept_worst']:.1f}%" in card
+    assert f"| srca | dermoscopic | 7 | {100 * by_source['srca']['share']:.1f}% kept |" in card
     # The verdict carries the kind through the product's predictions.
     clf = Classifier(str(model), backend="torch")
     flagged = [p for p in clf.predict([str(p) for p in (negatives / "images").glob("*.png")]) if not p.in_distribution]
@@ -71,18 +76,56 @@ def test_the_guard_learns_kinds_from_real_folders_and_reports_on_the_held_out_ha
     # A saved guard reads back exactly.
     again = ood.Guard.load(model / ood.GUARD_FILE)
     np.testing.assert_array_equal(again.probe.weight, guard.probe.weight)
-    assert again.probe.min_dermoscopic == guard.probe.min_dermoscopic
+    assert again.probe.min_dermoscopic == guard.probe.min_dermoscopic and again.probe.kinds == guard.probe.kinds
 
 
-def test_the_guard_s_folders_are_checked_with_messages_that_name_the_fix(tmp_path):
+def test_the_guard_s_folders_are_checked_with_messages_that_name_the_fix(calibrated_tiny_model, ham_dir_ro, tmp_path,
+                                                                         caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no metadata.csv"):
         read_folder(tmp_path / "empty", "category")
     (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "metadata.csv").write_text("file,category\n")
+    with pytest.raises(DataError, match="lists no images"):
+        read_folder(tmp_path / "listed", "category")
     (tmp_path / "listed" / "metadata.csv").write_text("file,category\nimages/gone.png,everyday\n")
-    with pytest.raises(DataError, match="no images listed"):
+    with pytest.raises(DataError, match=r"row 2: 'images/gone.png' is not there; add the file or delete its row"):
         read_folder(tmp_path / "listed", "category")
     assert main(["calibrate", "--model", "x", "--data", "y", "--guard_only", "true", "--int8_only", "true"]) == 2
+    # Negatives from one source leave nothing to judge by: one message, and the model folder untouched.
+    one = _negatives(tmp_path / "one")
+    table = one / "metadata.csv"
+    table.write_text("\n".join(line.rsplit(",", 1)[0] + ",camera-b" for line in table.read_text().splitlines()[1:])
+                     .join(["file,category,source\n", "\n"]))
+    model = tmp_path / "model"
+    shutil.copytree(calibrated_tiny_model, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    assert main(["calibrate", "--model", str(model), "--data", str(ham_dir_ro), "--guard_only", "true",
+                 "--guard_negatives", str(one), "--guard_positives", str(_positives(tmp_path / "pos"))]) == 2
+    assert "come from one source (camera-b)" in caplog.text, caplog.text
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+
+
+def test_sources_come_from_the_metadata():
+    from pathlib import Path
+
+    from ham_hf.finish.guard import source_of
+
+    assert source_of({"source": "clinic-7"}, Path("x.jpg")) == "clinic-7"
+    assert source_of({"source_dataset": "PH2 (original 768x560 BMP)"}, Path("ph2_1.bmp")) == "PH2"
+    wound = {"source_repo": "lab/wounds", "source_path": "data/Medetec_224/test/images/1.png"}
+    assert source_of(wound, Path("skin_1.png")) == "lab/wounds/Medetec_224"
+    assert source_of({"source_repo": "org/lib", "source_path": "src/data/astronaut.png"}, Path("a.png")) == "org/lib"
+    assert source_of({}, Path("derm7pt_abc.jpg")) == "derm7pt"
+
+
+def test_a_guard_of_the_previous_version_says_to_refit(tmp_path):
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.zeros((2, 2), np.float32) for k in ("mean", "components", "centres", "precision", "probe_weight")}
+    save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"threshold": "1.0", "version": "2"})
+    with pytest.raises(ModelError, match=r"version 2.*refit it with `ham-hf calibrate"):
+        ood.Guard.load(tmp_path / "old.safetensors")
 
 
 def test_greyscale_is_told_apart_by_colour():
@@ -91,23 +134,32 @@ def test_greyscale_is_told_apart_by_colour():
     assert ood.colour_stats(grey)[1] > ood.GREY_SHARE > ood.colour_stats(skin)[1]
 
 
-def test_the_probe_s_floor_leaves_a_margin_below_every_image_it_was_fitted_to_keep():
-    """The floor is PROBE_MARGIN times the lowest of validation's 1% quantile and the fitted external images."""
+def test_the_probe_s_floor_keeps_what_a_fit_without_each_source_would():
+    """The floor: the lowest of validation's keep quantile and, per other source of dermoscopy, the
+    PROBE_QUANTILE of P(dermoscopic) from a fit without it; sources weigh alike whatever their size."""
+    from sklearn.linear_model import LogisticRegression
+
     rng = np.random.default_rng(0)
-    centre = np.zeros(8)
-    train = rng.normal(centre, 1.0, (200, 8))
-    guard = ood.Guard.fit(train, np.arange(200) % 2, rng.normal(centre, 1.0, (50, 8)), dims=4)
+    texture = lambda centre, n: np.exp(rng.normal(centre, 0.3, (n, 6)))  # noqa: E731 (positive, like the stats)
     colours = lambda n: np.tile([0.4, 0.1], (n, 1))  # noqa: E731
-    negatives = rng.normal(centre + 3, 1.0, (60, 8))
-    external = rng.normal(centre + 1.5, 1.0, (20, 8))  # between the two, as other dermatoscopes are
-    val = rng.normal(centre, 1.0, (50, 8))
-    fit = dict(pos_f=np.r_[train, external], pos_c=colours(220), neg_f=negatives, neg_c=colours(60),
-               neg_kinds=["photo"] * 60, val_f=val, val_c=colours(50), positives_fit=external,
-               positives_fit_colours=colours(20))
-    bare = ood.Probe.fit(guard, **fit, margin=1.0)
-    probe = ood.Probe.fit(guard, **fit)
-    assert probe.min_dermoscopic == pytest.approx(ood.PROBE_MARGIN * bare.min_dermoscopic)
-    lowest = min(np.quantile(bare.probabilities(guard, val, colours(50))[:, 0], 1 - ood.KEEP_QUANTILE),
-                 bare.probabilities(guard, external, colours(20))[:, 0].min())
-    assert bare.min_dermoscopic == pytest.approx(lowest)
-    assert probe.accepts(guard, external, colours(20)).all()
+    home, far_derm, near_derm = texture(0.0, 300), texture(-0.8, 15), texture(-0.2, 15)
+    photos, charts = texture(np.r_[2.0, 2.0, 2.0, 0, 0, 0], 40), texture(np.r_[0, 0, 0, 2.0, 2.0, 2.0], 10)
+    t = np.r_[home, far_derm, near_derm, photos, charts]
+    kinds = ["dermoscopic"] * 330 + ["photo"] * 40 + ["document"] * 10
+    sources = ["home"] * 300 + ["far"] * 15 + ["near"] * 15 + ["cam"] * 40 + ["docs"] * 10
+    val = texture(0.0, 100)
+    probe = ood.Probe.fit(t, colours(len(t)), kinds, sources, val, colours(100), home="home")
+    assert probe.kinds == ("photo", "document")
+    z = (ood.Probe.inputs(t, colours(len(t))) - probe.offset) / probe.scale
+    positive, src = np.array(kinds) == "dermoscopic", np.array(sources)
+    floors = [np.quantile(probe.dermoscopic(val, colours(100)), 1 - ood.KEEP_QUANTILE)]
+    for held in ("far", "near"):
+        rest = src != held
+        w = ood.source_weights(positive[rest], src[rest])
+        model = LogisticRegression(C=ood.PROBE_C, max_iter=3000).fit(z[rest], positive[rest], sample_weight=w)
+        floors.append(np.quantile(model.predict_proba(z[src == held])[:, 1], ood.PROBE_QUANTILE))
+    assert probe.min_dermoscopic == pytest.approx(min(floors), rel=1e-4)
+    assert (probe.dermoscopic(photos, colours(40)) < probe.min_dermoscopic).all()
+    assert set(probe.kind_of(np.r_[photos[:3], charts[:3]], colours(6))) == {"photo", "document"}
+    w = ood.source_weights(np.array([1, 1, 1, 0]), np.array(["a", "a", "b", "c"]))
+    assert w.tolist() == pytest.approx([0.5, 0.5, 1.0, 2.0])  # a and b weigh alike; the classes weigh alike

@@ -134,11 +134,15 @@ def test_the_space_runs_from_its_uploaded_files_alone(fake_hub, bundled_model, r
         "assert ham_hf.__file__.startswith(sys.argv[1]), ham_hf.__file__\n"
         "demo = app.create_demo()\n"
         "fn = next(f for f in demo.fns.values() if f.api_name == 'predict').fn\n"
-        "label, text, verdict = fn(sys.argv[2], False, False)\n"
+        "from ham_hf.serve.uploads import uploads\n"
+        "uploads().keep([sys.argv[2]])  # as the upload route records a stored upload\n"
+        "label, text, verdict = fn({'path': sys.argv[2]}, False, False)\n"
         "assert len(label) == 7 and verdict['in_distribution'] is True, (label, verdict)\n"
         "print('SPACE OK', max(label, key=label.get))\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HAM_HF_CACHE": str(tmp_path / "c")}
-    done = subprocess.run([sys.executable, "-c", script, str(space), str(real_images["nv"].resolve())], cwd=space,
+    upload = tmp_path / "nv.jpg"
+    shutil.copy(real_images["nv"], upload)
+    done = subprocess.run([sys.executable, "-c", script, str(space), str(upload)], cwd=space,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "SPACE OK" in done.stdout, done.stderr[-3000:]
