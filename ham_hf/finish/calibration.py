@@ -138,7 +138,7 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
     check_calibration_split(cached["validation"].labels.numpy())
     if write:
         output_dir.mkdir(parents=True, exist_ok=True)
-    val_features, val_logits = embed(model, cached["validation"], data_config, bf16=bf16)
+    val_features, val_logits, val_texture = embed(model, cached["validation"], data_config, bf16=bf16, texture=True)
     val_logits = val_logits * folded_temperature  # the head's logits before any calibration
     labels = cached["validation"].labels.numpy()
     temperature = fit_temperature(val_logits, labels)
@@ -172,7 +172,7 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
                 results["eval_ece_uncalibrated"], results["eval_ece_calibrated"])
 
     guard, figures = refit_guard(model, data_config, cached, val_features, bf16, train_sample, seed,
-                                 guard_negatives, guard_positives)
+                                 guard_negatives, guard_positives, val_texture)
     results.update(figures)
     if write:
         guard.save(output_dir / ood.GUARD_FILE)
@@ -198,7 +198,7 @@ def _colours(images) -> np.ndarray:
 
 def refit_guard(model, data_config, cached: dict[str, CachedImages], val_features: np.ndarray, bf16: bool,
                 train_sample: int = 3000, seed: int = 0, negatives: str | None = None,
-                positives: str | None = None) -> tuple[ood.Guard, dict]:
+                positives: str | None = None, val_texture: np.ndarray | None = None) -> tuple[ood.Guard, dict]:
     """Fit the guard on (a seeded sample of) train: features do not change with calibration."""
     from ham_hf.finish.guard import fit_guard
 
@@ -206,7 +206,8 @@ def refit_guard(model, data_config, cached: dict[str, CachedImages], val_feature
     if len(train) > train_sample:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_sample]
         train = CachedImages(train.images[pick], train.labels[pick])
-    return fit_guard(model, data_config, train, cached["validation"], val_features, bf16, negatives, positives)
+    return fit_guard(model, data_config, train, cached["validation"], val_features, bf16, negatives, positives,
+                     val_texture)
 
 
 def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages], model_dir: Path, bf16: bool,
@@ -270,9 +271,9 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
         stage = Path(tmp) / "stage"
         shutil.copytree(src, stage)
         if guard_only:  # the guard alone: weights, temperature, reports and int8 ranges stay as they are
-            val_features = embed(model, cached["validation"], dc, bf16=bf16)[0]
+            val_features, _, val_texture = embed(model, cached["validation"], dc, bf16=bf16, texture=True)
             guard, results = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
-                                         positives=guard_positives)
+                                         positives=guard_positives, val_texture=val_texture)
             guard.save(stage / ood.GUARD_FILE)
             results.update(guard.evaluate(_features_of(model, dc, bf16), dc, val_features, stage,
                                           colours_of=_colours))

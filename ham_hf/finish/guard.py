@@ -148,8 +148,11 @@ def summary(figures: dict, validation_kept: float) -> dict:
 
 
 def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_features: np.ndarray, bf16: bool,
-              negatives=None, positives=None) -> tuple[ood.Guard, dict]:
-    """The guard (with a kind probe when both kinds of folder are given) and its leave-one-source-out figures."""
+              negatives=None, positives=None, val_texture: np.ndarray | None = None) -> tuple[ood.Guard, dict]:
+    """The guard (with a kind probe when both kinds of folder are given) and its leave-one-source-out figures.
+
+    `val_texture`: validation's texture statistics when the caller has them (else computed here).
+    """
     def embedded(images) -> tuple[np.ndarray, np.ndarray]:
         features, _, texture = embed(model, images, data_config, bf16=bf16, texture=True)
         return features, texture
@@ -175,7 +178,8 @@ def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_fe
              + [CATEGORY_KINDS.get(c, c if c in ood.KINDS[1:] else "other") for c in categories])
     sources = [HOME] * len(home) + pos_sources + [GENERATED] * len(package) + neg_sources
     rows = {"features": features, "texture": texture, "colours": colours(images), "kinds": kinds, "sources": sources}
-    val_texture, val_colours = embedded(val)[1], colours(val.images)
+    val_texture = embedded(val)[1] if val_texture is None else val_texture
+    val_colours = colours(val.images)
     figures = by_source(guard, rows, (val_features, val_texture, val_colours))
     guard.probe = ood.Probe.fit(texture, rows["colours"], kinds, sources, val_texture, val_colours, home=HOME)
     kept = float(guard.judge(val_features, val_colours, texture=val_texture)[0].mean())
