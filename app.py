@@ -47,9 +47,9 @@ QUEUE_SIZE = 256
 UPLOAD_TTL_S = float(os.environ.get("HAM_UPLOAD_TTL_S", 300))
 UPLOAD_BUDGET_MB = float(os.environ.get("HAM_UPLOAD_BUDGET_MB", 500))
 # Sessions whose state Gradio keeps (its default is 10,000). Every API call is a session of its own, and
-# each kept one holds a copy of every component's config and the call's inputs (about 60 KB, an inline
-# image's bytes included), so the default grew the server by ~600 MB under steady use (docs/benchmarks.md,
-# the soak). The app keeps no state between events, so only the calls in flight need theirs.
+# each kept one holds a copy of every component's config and the call's inputs, an inline image's bytes
+# included (~24 kB of objects by tracemalloc, research/memory_growth.py; ~60 kB of the server's memory), so
+# the default grew the server by ~600 MB under steady use. The app keeps no state between events.
 STATE_SESSIONS = 2 * CONCURRENCY
 
 NOTICE = (
