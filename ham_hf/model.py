@@ -118,8 +118,11 @@ def features_and_logits(model, pixel_values):
 TEXTURE_STAGES = 4
 
 
-def forward_all(model, pixel_values, texture: bool = False):
-    """The last feature map, the pooled features the head reads and the logits (and `texture_statistics`)."""
+def forward_all(model, pixel_values, texture: bool = False, texture_fn=None):
+    """The last feature map, the pooled features the head reads and the logits (and `texture_statistics`).
+
+    `texture_fn` computes the statistics from the stages' maps instead (the ONNX export names its nodes so).
+    """
     net = model.timm_model
     if texture:
         feature_map, stages = net.forward_intermediates(pixel_values, indices=TEXTURE_STAGES)
@@ -127,7 +130,7 @@ def forward_all(model, pixel_values, texture: bool = False):
         feature_map = net.forward_features(pixel_values)
     features = net.forward_head(feature_map, pre_logits=True)
     outs = (feature_map, features, head(model)(features))
-    return (*outs, texture_statistics(stages)) if texture else outs
+    return (*outs, (texture_fn or texture_statistics)(stages)) if texture else outs
 
 
 def texture_statistics(maps) -> torch.Tensor:

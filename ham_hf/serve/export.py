@@ -31,7 +31,7 @@ OUTPUTS = ("logits", "features", "feature_map", "texture")
 class _Texture(nn.Module):
     """The stages' texture statistics, as a module of its own so its nodes are named /texture/... (left float)."""
 
-    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, maps) -> torch.Tensor:
         from ham_hf.model import texture_statistics
 
         return texture_statistics(maps)
@@ -45,12 +45,10 @@ class _Outputs(nn.Module):
         self.model, self.texture = model, _Texture()
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from ham_hf.model import TEXTURE_STAGES, head
+        from ham_hf.model import forward_all
 
-        net = self.model.timm_model
-        feature_map, stages = net.forward_intermediates(pixel_values, indices=TEXTURE_STAGES)
-        features = net.forward_head(feature_map, pre_logits=True)
-        return head(self.model)(features), features, feature_map, self.texture(*stages)
+        feature_map, features, logits, texture = forward_all(self.model, pixel_values, True, self.texture)
+        return logits, features, feature_map, texture
 
 
 def weights_digest(model, size: int) -> str:
