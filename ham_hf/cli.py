@@ -4,7 +4,8 @@
     ham-hf train    --data DIR --output_dir DIR [TrainingArguments...]   (or: ham-hf train config.json [overrides])
     ham-hf tune     --data DIR --output_dir DIR [--n_trials 8] [--params learning_rate,...]
     ham-hf calibrate --model DIR --data DIR [--output_dir DIR] [--int8_only]   (temperature scaling + OOD guard + int8)
-    ham-hf evaluate --model DIR --data DIR [--split test]
+    ham-hf evaluate --model DIR --data DIR [--split test] [--source_name NAME]   (recorded in DIR's card)
+    ham-hf card     --model DIR   (render DIR/README.md from DIR/results.json)
     ham-hf predict  PATHS... --model DIR --output preds.csv [--tta]
     ham-hf push     --model DIR --repo-id ORG/NAME [--private]
     ham-hf export   --model DIR --output model.onnx
@@ -198,36 +199,22 @@ class EvaluateArguments:
     batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
     tta: bool = field(default=False, metadata={"help": "Average the probabilities over the 8 flip / rotation views, "
                                                        "as the app's test-time augmentation does."})
-    add_to_card: bool = field(default=False, metadata={
-        "help": "Write the figures into the model folder's card as an external-validation section named after "
-                "--source_name (for labelled images from another source, scored with --split all)."})
-    source_name: str | None = field(default=None, metadata={"help": "How the card names the source (default: the "
-                                                                     "data folder's name)."})
+    record: bool = field(default=True, metadata={
+        "help": "For a local model folder: put the figures in its results record and render its card again (the "
+                "model's own validation or test split replaces that split's figures; other data is an entry named "
+                "--source_name)."})
+    source_name: str | None = field(default=None, metadata={"help": "How the record and card name the data "
+                                                                     "(default: the data folder's name)."})
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    """Score a saved model on a split of any data source and write the reports."""
+    """Score a saved model on a split of any data source, write the reports and record them."""
     from ham_hf import data
     from ham_hf.finish import evaluation
 
     args, split_args = parse(argv, EvaluateArguments, data.SplitArguments)
-    result = evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args,
-                                       args.batch_size, tta=args.tta)
-    if args.add_to_card:
-        import json
-        import shlex
-        from pathlib import Path
-
-        from ham_hf import hub
-
-        if not (Path(args.model) / "README.md").is_file():
-            raise UserError(f"--add_to_card: {args.model} is not a local model folder with a card (README.md)")
-        out = Path(args.output_dir) if args.output_dir else Path(args.model) / f"eval-{args.split}"
-        kept = json.loads((out / "all_results.json").read_text()).get(f"{args.split}_guard_kept")
-        name = args.source_name or Path(args.data).name
-        command = shlex.join(["ham-hf", "evaluate", "--model", "MODEL", "--data", Path(args.data).name,
-                              "--split", args.split])
-        hub.add_external_section(Path(args.model) / "README.md", name, result, kept, command)
+    evaluation.evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size,
+                              tta=args.tta, record=args.record, source_name=args.source_name)
     return 0
 
 
@@ -300,6 +287,28 @@ def cmd_push(argv: list[str]) -> int:
 
 
 @dataclass
+class CardArguments:
+    """Options of `ham-hf card`."""
+
+    model: str = field(metadata={"help": "Local model folder whose card (README.md) to render from its record."})
+
+
+def cmd_card(argv: list[str]) -> int:
+    """Render a model folder's card from its results record (an earlier version's files converted first)."""
+    from pathlib import Path
+
+    from ham_hf import results
+    from ham_hf.hub import card
+
+    (args,) = parse(argv, CardArguments)
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"{args.model} is not a local model folder (no config.json)")
+    results.update(args.model)  # writes results.json (converting an earlier folder's files), even unchanged
+    card.render(args.model)
+    return 0
+
+
+@dataclass
 class ExportArguments:
     """Options of `ham-hf export`."""
 
@@ -360,6 +369,7 @@ def cmd_deploy(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "bundle": cmd_bundle,
     "calibrate": cmd_calibrate,
+    "card": cmd_card,
     "deploy": cmd_deploy,
     "predict": cmd_predict,
     "push": cmd_push,

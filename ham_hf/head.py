@@ -2,24 +2,22 @@
 
 A saved model decides and calibrates with no custom code (`pipeline`, ONNX, the app) because both are
 folded into the head: logits / T is the weight and bias divided by T, and the logit adjustment
-(minus tau x log(train prior)) is added to the bias. The values folded are recorded in the model
-folder's all_results.json (`temperature`, `logit_adjustment_tau`), so the bare logits can be had
-back. This module is the one place that folds and unfolds.
+(minus tau x log(train prior)) is added to the bias. The values folded are recorded in the head
+section of the model folder's results record (`ham_hf.results`), so the bare logits can be had back.
+This module is the one place that folds and unfolds.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ham_hf import model as model_lib
+from ham_hf import results
 from ham_hf.errors import ModelError
 from ham_hf.labels import CLASS_CODES
-
-RESULTS_FILE = "all_results.json"
 
 
 def log_prior(labels, num_classes: int = len(CLASS_CODES)) -> torch.Tensor:
@@ -52,15 +50,12 @@ def unfold_logits(logits: np.ndarray, temperature: float, tau: float, prior: np.
 
 
 def folded_values(model_dir: str | Path) -> dict:
-    """What a saved model's head holds folded in (all_results.json): temperature (1) and logit_adjustment_tau (0)."""
-    path = Path(model_dir) / RESULTS_FILE
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return {"temperature": float(saved.get("temperature", 1.0)),
-            "logit_adjustment_tau": float(saved.get("logit_adjustment_tau", 0.0))}
+    """What a saved model's head holds folded in (its record): temperature (1) and logit_adjustment_tau (0)."""
+    return results.head_values(results.load(model_dir))
 
 
 def head_temperature(model_dir: str | Path) -> float:
-    """The temperature already folded into a saved model's head (its all_results.json), 1 when none."""
+    """The temperature already folded into a saved model's head (its record), 1 when none."""
     return folded_values(model_dir)["temperature"]
 
 
@@ -68,7 +63,7 @@ def unfold_head(model, model_dir: str | Path, prior: torch.Tensor) -> dict:
     """Undo a saved model's folded temperature and logit adjustment in its head, in place (bare logits again).
 
     `prior` is the log class prior of the training split it was trained on; the undone values come
-    from the model folder's all_results.json and are returned.
+    from the model folder's results record and are returned.
     """
     undone = folded_values(model_dir)
     scale_head(model, undone["temperature"])

@@ -163,20 +163,30 @@ class CachedImages(torch.utils.data.Dataset):
     """A decoded split: uint8 HWC images and labels, served as Trainer inputs."""
 
     def __init__(self, images: torch.Tensor, labels: Sequence[int], image_ids: Sequence[str] | None = None,
-                 groups: Sequence[str] | None = None, dx_types: Sequence[str | None] | None = None):
+                 groups: Sequence[str] | None = None, metadata: dict[str, Sequence] | None = None):
         self.images = images
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.image_ids = list(image_ids) if image_ids is not None else [str(i) for i in range(len(self.labels))]
         # Lesion ids: confidence intervals resample lesions, not images (default: each image its own).
         self.groups = list(groups) if groups is not None else list(self.image_ids)
-        # How each diagnosis was confirmed (histo, follow_up, consensus, confocal): the reports' subgroups.
-        self.dx_types = list(dx_types) if dx_types is not None else None
+        # The reports' subgroups, where the source records them: how each diagnosis was confirmed
+        # (dx_type), sex, age and body site (localization).
+        self.metadata = {k: list(v) for k, v in (metadata or {}).items()}
+
+    @property
+    def dx_types(self) -> list | None:
+        """How each diagnosis was confirmed (histo, follow_up, consensus, confocal), where recorded."""
+        return self.metadata.get("dx_type")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+# The metadata columns the reports break figures down by, where a source has them.
+REPORT_COLUMNS = ("dx_type", "sex", "age", "localization")
 
 
 def cache_split(dataset, data_config: DataConfig, threads: int | None = None) -> CachedImages:
@@ -187,8 +197,8 @@ def cache_split(dataset, data_config: DataConfig, threads: int | None = None) ->
     payloads = [img["bytes"] if img["bytes"] is not None else img["path"] for img in raw["image"]]
     images = decode_images(payloads, data_config.resize, data_config.interpolation, threads)
     groups = raw["lesion_id"] if "lesion_id" in raw.column_names else None
-    dx_types = raw["dx_type"] if "dx_type" in raw.column_names else None
-    return CachedImages(images, raw["label"], raw["image_id"], groups, dx_types)
+    metadata = {c: raw[c] for c in REPORT_COLUMNS if c in raw.column_names}
+    return CachedImages(images, raw["label"], raw["image_id"], groups, metadata)
 
 
 # ----------------------------------------------------------------------------- on-device preprocessing

@@ -83,11 +83,11 @@ train)
   for config in $CONFIGS; do
     name=$(basename "$config" .json) run=/tmp/runs/$(basename "$config" .json)
     mkdir -p "/tmp/runs-report/$name" && cp "/tmp/train-$name.log" "/tmp/runs-report/$name/train.log"
-    for f in all_results.json recipe.json validation_metrics.json README.md trainer_state.json; do
+    for f in results.json recipe.json validation_metrics.json README.md trainer_state.json; do
       [ -f "$run/$f" ] && cp "$run/$f" "/tmp/runs-report/$name/"
     done
-    [ -f "$run/all_results.json" ] || { echo "$name: no result (see its log)"; continue; }
-    score=$(python3 -c "import json; print(json.load(open('$run/all_results.json'))['eval_balanced_accuracy'])")
+    [ -f "$run/results.json" ] || { echo "$name: no result (see its log)"; continue; }
+    score=$(python3 -c "import json; print(json.load(open('$run/results.json'))['splits']['validation']['balanced_accuracy'])")
     echo "$name: validation balanced accuracy $score"
     if python3 -c "import sys; sys.exit(0 if $score > $best_score else 1)"; then best=$name best_score=$score; fi
   done

@@ -21,10 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ham_hf import (
-    data,  # noqa: E402
-    precision,  # noqa: E402
-)
+from ham_hf import data, precision, results  # noqa: E402
 from ham_hf import model as model_lib  # noqa: E402
 from ham_hf.errors import ModelError  # noqa: E402
 from ham_hf.finish.calibration import TAU_GRID, check_same_split, tau_scores  # noqa: E402
@@ -36,12 +33,12 @@ from ham_hf.transforms import cache_split  # noqa: E402
 logger = logging.getLogger("tau_tradeoff")
 
 
-def raw_logits(logits: np.ndarray, results: dict, prior: np.ndarray) -> np.ndarray:
-    """Undo the model's folded temperature and logit adjustment (its all_results.json says which)."""
-    if "logit_adjustment_tau" not in results:
+def raw_logits(logits: np.ndarray, held: dict, prior: np.ndarray) -> np.ndarray:
+    """Undo the model's folded temperature and logit adjustment (its record's head section says which)."""
+    if "logit_adjustment_tau" not in held:
         raise ModelError("this model was not trained with logit adjustment (no logit_adjustment_tau in its "
-                         "all_results.json): there is no tau to trade")
-    return unfold_logits(logits, results.get("temperature", 1.0), results["logit_adjustment_tau"], prior)
+                         "results.json): there is no tau to trade")
+    return unfold_logits(logits, held.get("temperature", 1.0), held["logit_adjustment_tau"], prior)
 
 
 def sweep(raw: np.ndarray, labels: np.ndarray, prior: np.ndarray, taus=TAU_GRID, dx_types=None) -> list[dict]:
@@ -75,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    results = json.loads((Path(args.model) / "all_results.json").read_text())
+    held = results.load(args.model).get("head", {})
     model = model_lib.load_model(args.model).float().eval().to(memory_format=torch.channels_last)
     dc = model_lib.data_config(model)
     dsd = data.load_splits(args.data)
@@ -84,7 +81,7 @@ def main() -> None:
     val = cache_split(dsd["validation"], dc)
     with torch.inference_mode():
         logits = embed(model, val, dc, bf16=precision.use_bf16("cpu"))[1]
-    rows = sweep(raw_logits(logits.astype(np.float64), results, prior), val.labels.numpy(), prior, args.taus,
+    rows = sweep(raw_logits(logits.astype(np.float64), held, prior), val.labels.numpy(), prior, args.taus,
                  val.dx_types)
     columns = [k for k in rows[0] if k != "tau"]
     logger.info("| tau | %s |", " | ".join(c.replace("_", " ") for c in columns))

@@ -74,10 +74,11 @@ def test_bundled_model_records_a_tau_that_meets_its_calibration_condition():
     """The bundled head's logit adjustment was chosen by the project's rule, and its card says which."""
     from ham_hf.finish.calibration import TAU_GRID
 
-    results = json.loads((DEFAULT / "all_results.json").read_text())
-    assert results["logit_adjustment_tau"] in TAU_GRID
-    assert results["eval_ece_calibrated"] <= results["logit_adjustment_max_ece"]
-    assert f"**tau = {results['logit_adjustment_tau']:g}**" in (DEFAULT / "README.md").read_text()
+    record = json.loads((DEFAULT / "results.json").read_text())
+    held = record["head"]
+    assert held["logit_adjustment_tau"] in TAU_GRID
+    assert record["calibration"]["validation"]["ece_after"] <= held["logit_adjustment_max_ece"]
+    assert f"**tau = {held['logit_adjustment_tau']:g}**" in (DEFAULT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,28 @@ def test_the_guard_names_skin_photos_as_such(guarded, ood_dev_dir):
     flagged = [p for p in guarded.predict(skin) if not p.in_distribution]
     assert len(flagged) >= 0.8 * len(skin)
     assert np.mean([p.ood_kind == "skin photo" for p in flagged]) >= 0.8
+
+
+def test_the_figures_in_the_readme_and_the_docs_are_the_record_s():
+    """Every figure with an interval that the README or docs/evaluation.md quotes is one the card, rendered from
+    the record, says; the bundled card is what its record renders."""
+    import re
+
+    from ham_hf import results
+    from ham_hf.hub import card
+
+    rendered = str(card.card(results.load(DEFAULT)))
+    assert rendered == (DEFAULT / "README.md").read_text()  # nothing added to the card by hand
+    repo = DEFAULT.parents[1]
+    interval = re.compile(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]")
+    for doc in ("README.md", "docs/evaluation.md"):
+        quoted = interval.findall((repo / doc).read_text())
+        assert len(quoted) >= 8, doc
+        assert [q for q in quoted if q not in rendered] == [], doc
+    guard = results.load(DEFAULT)["guard"]  # the guard table's worst and mean figures
+    table = (repo / "docs/evaluation.md").read_text().split("| held-out sources | worst | mean | goal |")[1]
+    rows = [r for r in table.split("\n\n")[0].splitlines()[2:] if r.startswith("|")]
+    for row, group in zip(rows, ("skin_photo_flagged", "far_flagged", "external_kept")):
+        worst, mean = (float(re.match(r"\s*([\d.]+)%", c).group(1)) for c in row.split("|")[2:4])
+        assert worst == pytest.approx(round(100 * guard[f"loso_{group}_worst"], 1)), row
+        assert mean == pytest.approx(round(100 * guard[f"loso_{group}_mean"], 1)), row

@@ -10,7 +10,6 @@ out-of-distribution guard (`ham_hf.ood`) on the training split.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ham_hf import data, head, metrics, precision
+from ham_hf import data, head, metrics, precision, results
 from ham_hf import model as model_lib
 from ham_hf.errors import DataError, ModelError
 from ham_hf.finish import report
@@ -121,17 +120,18 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
                     train_sample: int = 3000, seed: int = 0, write: bool = True, write_reports: bool = False,
                     int8: bool = True, folded_temperature: float = 1.0, guard_negatives: str | None = None,
                     guard_positives: str | None = None) -> dict:
-    """Fit T on validation and fold it into the head; fit the OOD guard; write reports; return the results.
+    """Fit T on validation and fold it into the head; fit the OOD guard; write reports; return record sections.
 
-    `folded_temperature` is the T already in the head (a calibrated model's all_results.json): T is
-    fitted on the unfolded logits, so "before" always means uncalibrated and the recorded T is the
-    head's whole temperature; `results["head_changed"]` says whether the head was rescaled.
+    `folded_temperature` is the T already in the head (a calibrated model's record): T is fitted on
+    the unfolded logits, so "before" always means uncalibrated and the recorded T is the head's whole
+    temperature; `head_changed` in the returned dict says whether the head was rescaled.
 
     `cached` needs "train" and "validation" (and scores "test" when present). Writes into output_dir
     (unless `write` is false, as on all but one process of a distributed run):
-    `{split}_reliability_uncalibrated.png`, the guard file and its figures, and with `write_reports`
-    the calibrated split reports (metrics with CIs, confusion matrix, reliability, predictions); the
-    caller saves the model.
+    `{split}_reliability_uncalibrated.png`, the guard file, and with `write_reports` the calibrated
+    split reports (metrics with CIs, confusion matrix, reliability, predictions); the caller saves the
+    model. Returns {"head": {temperature}, "calibration", "guard", "int8", "splits" (with
+    write_reports), "head_changed"}: sections of the results record (`ham_hf.results`).
     """
     if "validation" not in cached or "train" not in cached:
         raise DataError("calibration needs the train and validation splits of the data the model was trained on")
@@ -144,7 +144,7 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
     temperature = fit_temperature(val_logits, labels)
     head_changed = not 1 / TEMPERATURE_TOLERANCE < temperature / folded_temperature < TEMPERATURE_TOLERANCE
     temperature = temperature if head_changed else folded_temperature
-    results: dict = {"temperature": temperature, "head_changed": head_changed}
+    sections: dict = {"head": {"temperature": temperature}, "calibration": {}, "head_changed": head_changed}
     for split in ("validation", "test"):
         if split not in cached:
             continue
@@ -153,35 +153,33 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
         y = cached[split].labels.numpy()
         before, after = metrics.softmax(logits), metrics.softmax(logits / temperature)
         b, a = metrics.compute(before, y), metrics.compute(after, y)
-        prefix = "eval" if split == "validation" else "test"
-        results.update({f"{prefix}_ece_uncalibrated": b["ece"], f"{prefix}_brier_uncalibrated": b["brier"],
-                        f"{prefix}_ece_calibrated": a["ece"], f"{prefix}_brier_calibrated": a["brier"]})
+        sections["calibration"][split] = {"ece_before": b["ece"], "ece_after": a["ece"],
+                                          "brier_before": b["brier"], "brier_after": a["brier"]}
         if write:
             report.plot_reliability(before, y, output_dir / f"{split}_reliability_uncalibrated.png",
                                     title=f"{split}, before calibration: ECE {b['ece']:.3f}")
         if write and write_reports:
-            scored = report.write_split_reports(output_dir, split, after, y, cached[split].image_ids,
-                                                cached[split].groups, cached[split].dx_types)
-            results.update({f"{prefix}_{k}": v for k, v in metrics.flatten(scored).items()})
-            results.setdefault("split_metrics", {})[split] = scored
+            sections.setdefault("splits", {})[split] = report.write_split_reports(
+                output_dir, split, after, y, cached[split].image_ids, cached[split].groups, cached[split].metadata)
         assert (before.argmax(1) == after.argmax(1)).all()  # T > 0 cannot move the argmax
     if head_changed:
         head.scale_head(model, folded_temperature / temperature)
+    ece = sections["calibration"]["validation"]
     logger.info("temperature %.3f %s; validation ECE %.4f -> %.4f", temperature,
                 "folded into the head" if head_changed else "already in the head (refit within 2%: kept)",
-                results["eval_ece_uncalibrated"], results["eval_ece_calibrated"])
+                ece["ece_before"], ece["ece_after"])
 
     guard, figures = refit_guard(model, data_config, cached, val_features, bf16, train_sample, seed,
                                  guard_negatives, guard_positives, val_texture)
-    results.update(figures)
     if write:
         guard.save(output_dir / ood.GUARD_FILE)
-        if int8:
-            results.update({f"int8_{k}": v for k, v in fit_int8(model, data_config, cached, output_dir, guard).items()
-                            if not isinstance(v, dict)})
-    results.update(guard.evaluate(_features_of(model, data_config, bf16), data_config,
-                                  val_features, output_dir if write else None, colours_of=_colours))
-    return results
+        fidelity = fit_int8(model, data_config, cached, output_dir, guard) if int8 else {}
+        if fidelity:
+            sections["int8"] = fidelity
+    sections["guard"] = {**figures, **guard.evaluate(_features_of(model, data_config, bf16), data_config,
+                                                     val_features, output_dir if write else None,
+                                                     colours_of=_colours)}
+    return sections
 
 
 def _features_of(model, data_config, bf16: bool):
@@ -217,23 +215,22 @@ def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages],
     Returns (the results to record, the temperature now folded in the head): the head is unfolded to
     its bare logits minus the new tau's offset (T 1, for calibration to fit) unless tau stays.
     """
-    path = model_dir / "all_results.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved = results.load(model_dir).get("head", {})
     if "logit_adjustment_tau" not in saved:
         raise ModelError(f"{model_dir} was not trained with logit adjustment (no logit_adjustment_tau in its "
-                         "all_results.json): there is no tau to retune; drop --retune_logit_adjustment")
+                         f"{results.FILE}): there is no tau to retune; drop --retune_logit_adjustment")
     check_calibration_split(cached["validation"].labels.numpy())
     old_tau, old_t = float(saved["logit_adjustment_tau"]), head.head_temperature(model_dir)
     prior = head.log_prior(cached["train"].labels).double().numpy()
     raw = head.unfold_logits(embed(model, cached["validation"], data_config, bf16=bf16)[1], old_t, old_tau, prior)
     tau, _ = choose_tau(raw, cached["validation"].labels.numpy(), prior, max_ece=max_ece)
-    results = {"logit_adjustment_tau": tau, "logit_adjustment_max_ece": max_ece}
+    chosen = {"logit_adjustment_tau": tau, "logit_adjustment_max_ece": max_ece}
     if tau == old_tau:
-        return results, old_t
+        return chosen, old_t
     head.unfold_head(model, model_dir, torch.from_numpy(prior))
     head.add_to_head_bias(model, torch.from_numpy(-tau * prior).float())
     logger.info("logit adjustment: tau %.2f -> %.2f refolded into the head bias", old_tau, tau)
-    return results, 1.0
+    return chosen, 1.0
 
 
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
@@ -248,7 +245,7 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     to a staging copy first and swapped in at the end: a failure leaves the model folder as it was.
     `cached`: the splits already decoded at the model's resolution by a caller that checked them.
     """
-    from ham_hf import hub
+    from ham_hf.hub import card
     from ham_hf.serve import export
 
     if not model_lib.is_fine_tuned(model_path):
@@ -272,33 +269,28 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
         shutil.copytree(src, stage)
         if guard_only:  # the guard alone: weights, temperature, reports and int8 ranges stay as they are
             val_features, _, val_texture = embed(model, cached["validation"], dc, bf16=bf16, texture=True)
-            guard, results = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
+            guard, figures = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
                                          positives=guard_positives, val_texture=val_texture)
             guard.save(stage / ood.GUARD_FILE)
-            results.update(guard.evaluate(_features_of(model, dc, bf16), dc, val_features, stage,
-                                          colours_of=_colours))
-            split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
-                             for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
+            sections = {"guard": {**figures, **guard.evaluate(_features_of(model, dc, bf16), dc, val_features, stage,
+                                                              colours_of=_colours)}}
         elif int8_only:
             guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
-            results = {f"int8_{k}": v for k, v in fit_int8(model, dc, cached, stage, guard).items()
-                       if not isinstance(v, dict)}
-            split_metrics = {s: json.loads((stage / f"{s}_metrics.json").read_text())
-                             for s in ("validation", "test") if (stage / f"{s}_metrics.json").is_file()}
+            figures = fit_int8(model, dc, cached, stage, guard)
+            sections = {"int8": figures} if figures else {}  # int8 not measurable here: the record stays
         else:
             tau_results, folded = ({}, head.head_temperature(src)) if not retune_tau else (
                 retune_logit_adjustment(model, dc, cached, src, bf16, max_ece or MAX_ECE))
-            results = {**tau_results, **calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
-                                                        folded_temperature=folded, guard_negatives=guard_negatives,
-                                                        guard_positives=guard_positives)}
-            split_metrics = results.pop("split_metrics", {})
-            if results.pop("head_changed"):
+            sections = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
+                                       folded_temperature=folded, guard_negatives=guard_negatives,
+                                       guard_positives=guard_positives)
+            # The head's record: the tau folded before (or just chosen) beside the temperature now in it.
+            kept = {k: v for k, v in results.load(src).get("head", {}).items() if k != "temperature"}
+            sections["head"] = {**kept, **tau_results, **sections["head"]}
+            if sections.pop("head_changed"):
                 export.save_weights_like(model, src / "model.safetensors", stage / "model.safetensors")
-        # A refitted guard replaces every figure of the one before (its keys all start "ood_").
-        stale = () if int8_only else ("ood_",)
-        merged = json.loads(report.update_all_results(stage, results, stale).read_text())
-        if "temperature" in merged:  # the card's trust section exists only for a calibrated model
-            hub.add_trust_section(stage / "README.md", merged, split_metrics)
+        results.update(stage, **sections)
+        card.render(stage)
         if target.exists() and target != src:
             shutil.rmtree(target)
         if target == src:
@@ -306,4 +298,4 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             src.rename(backup)
         stage.rename(target)
     logger.info("calibrated model and guard in %s", target)
-    return results
+    return sections

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ham_hf import data, metrics, precision
+from ham_hf import data, metrics, precision, results
 from ham_hf import model as model_lib
 from ham_hf.errors import ModelError
 from ham_hf.finish import report
+from ham_hf.hub import card
 from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import TTA_VIEWS, CachedImages, Preprocess, cache_split, tta_views
 
@@ -32,8 +33,8 @@ def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.Dat
     """(features, logits[, texture]) of decoded uint8 images through the model's eval preprocessing, float32 numpy.
 
     With `tta`, as the app's test-time augmentation: the logits are the log of the probabilities
-    averaged over the 8 flip / rotation views, the features those of the image as given. With
-    `texture`, the stages' texture statistics too (`ham_hf.model.texture_statistics`; not with `tta`).
+    averaged over the 8 flip / rotation views, the features (and texture) those of the image as given.
+    With `texture`, the stages' texture statistics too (`ham_hf.model.texture_statistics`).
     """
     device = next(model.parameters()).device
     tensors = images.images if isinstance(images, CachedImages) else images
@@ -44,9 +45,10 @@ def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.Dat
     for start in range(0, len(tensors), step):
         x = pre(tensors[start:start + step].to(device), train=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            _, f, z, *t = model_lib.forward_all(model, tta_views(x) if tta else x, texture=texture and not tta)
-        if tta:
+            _, f, z, *t = model_lib.forward_all(model, tta_views(x) if tta else x, texture=texture)
+        if tta:  # the first view is the image as given
             f, z = f[:len(x)], z.float().softmax(dim=1).view(TTA_VIEWS, len(x), -1).mean(dim=0).log()
+            t = [t[0][:len(x)]] if t else t
         feats.append(f.float().cpu())
         logits.append(z.float().cpu())
         textures += [t[0].float().cpu()] if t else []
@@ -56,8 +58,15 @@ def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.Dat
 
 def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,
                    split_args: data.SplitArguments | None = None, batch_size: int = 128,
-                   bf16: bool | None = None, tta: bool = False) -> dict:
-    """Score a saved HAM10000 model on one split (or all) of any data source; write the split reports."""
+                   bf16: bool | None = None, tta: bool = False, record: bool = True,
+                   source_name: str | None = None) -> dict:
+    """Score a saved HAM10000 model on one split (or all) of any data source; write the split reports.
+
+    With `record` and a local model folder, the figures go into the folder's results record and its
+    card is rendered again: the model's own validation or test split (the images its split.csv puts
+    there, without TTA) replaces that split's figures; anything else is an entry of its evaluations,
+    named `source_name` (default: the data folder's name, with the split and TTA said).
+    """
     import datasets
 
     if not model_lib.is_fine_tuned(model_path):
@@ -75,26 +84,61 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
         raise data.DataError(f"no split {split!r} in {source}; choose one of {', '.join([*dsd, 'all'])}")
     bf16 = precision.use_bf16(device, bf16)
     cached = cache_split(ds, dc)
-    features, logits = embed(model, cached, dc, batch_size=batch_size, bf16=bf16, tta=tta)
+    features, logits, texture = embed(model, cached, dc, batch_size=batch_size, bf16=bf16, tta=tta, texture=True)
+    folder = Path(model_path) if record and Path(model_path).is_dir() else None
+    own = folder is not None and is_own_split(folder, split, tta, cached.image_ids)
+    if own and output:
+        logger.info("--output_dir given: the model's own %s split is scored there, its record left as it is", split)
+        folder = None
     name = f"eval-{split}-tta" if tta else f"eval-{split}"
-    out = Path(output) if output else (Path(model_path) if Path(model_path).is_dir() else Path(".")) / name
+    # The model's own split replaces its reports beside the model, as its record's figures are replaced.
+    out = Path(output) if output else folder if own else (
+        Path(model_path) if Path(model_path).is_dir() else Path(".")) / name
     result = report.write_split_reports(out, split, metrics.softmax(logits), cached.labels.numpy(), cached.image_ids,
-                                        cached.groups, cached.dx_types)
-    report.update_all_results(out, {f"{split}_{k}": v for k, v in metrics.flatten(result).items()})
-    report.update_all_results(out, {"precision": precision.name(bf16), "device": str(device),
-                                    "test_time_augmentation": tta})
-    report.update_all_results(out, guard_figures(model_path, features, cached, split))
+                                        cached.groups, cached.metadata)
+    if own and folder is not None:
+        results.update(folder, splits={split: result})
+        logger.info("the model's own %s split: its figures in %s replaced", split, results.FILE)
+    else:
+        name, entry = evaluation_entry(source, split, tta, result, guard_kept(model_path, features, texture, cached),
+                                       source_name, precision.name(bf16), precision.device_name(device.type == "cpu"))
+        for where in filter(None, {out, folder}):  # the report folder's record, and the model's
+            results.update(where, evaluations={name: entry})
+        logger.info("recorded as %r in %s", name, results.FILE)
+    if folder is not None:
+        card.render(folder)
     return result
 
 
-def guard_figures(model_path: str, features: np.ndarray, cached: CachedImages, split: str) -> dict:
-    """The share of the scored images the model's out-of-distribution guard keeps, where it has one."""
+def is_own_split(folder: Path, split: str, tta: bool, image_ids) -> bool:
+    """Whether these images are the model's own validation or test split (its split.csv), scored without TTA."""
+    path = folder / data.SPLIT_FILE
+    return split in ("validation", "test") and not tta and path.is_file() and \
+        set(image_ids) == data.read_split_file(path, split)
+
+
+def evaluation_entry(source: str, split: str, tta: bool, result: dict, kept: float | None, source_name: str | None,
+                     precision_name: str, device: str) -> tuple[str, dict]:
+    """(name, entry) of figures on other data for a record's evaluations: the command, precision and figures."""
+    import shlex
+
+    name = source_name or " ".join(filter(None, [Path(source).name, f"({split} split)" if split != "all" else "",
+                                                 "with TTA" if tta else ""]))
+    command = shlex.join(["ham-hf", "evaluate", "--model", "MODEL", "--data", Path(source).name, "--split", split,
+                          *(["--tta", "true"] if tta else [])])
+    return name, {"data": Path(source).name, "split": split, "tta": tta, "command": command,
+                  "precision": precision_name, "device": device, "result": result, "guard_kept": kept}
+
+
+def guard_kept(model_path: str, features: np.ndarray, texture: np.ndarray, cached: CachedImages) -> float | None:
+    """The share of the scored images the model's out-of-distribution guard keeps, its probe included (None
+    without a guard)."""
     from ham_hf.serve import ood
 
     path = ood.guard_path(model_path)
     if not path.is_file():
-        return {}
+        return None
     colours = np.stack([ood.colour_stats(im.numpy()) for im in cached.images])
-    kept = ood.Guard.load(path).judge(features, colours)[0]
+    kept = ood.Guard.load(path).judge(features, colours, texture=texture)[0]
     logger.info("the guard keeps %d of %d images (%.1f%%)", kept.sum(), len(kept), 100 * kept.mean())
-    return {f"{split}_guard_kept": float(kept.mean())}
+    return float(kept.mean())

@@ -139,11 +139,11 @@ def summary(figures: dict, validation_kept: float) -> dict:
     groups = {"skin_photo_flagged": [v["share"] for v in figures.values() if v["kind"] == "skin photo"],
               "far_flagged": [v["share"] for v in figures.values() if v["kind"] in FAR_KINDS],
               "external_kept": [v["share"] for v in figures.values() if v["kind"] == "dermoscopic"]}
-    out = {"ood_validation_kept": validation_kept}
+    out = {"validation_kept": validation_kept}
     for name, shares in groups.items():
         if shares:
-            out.update({f"ood_loso_{name}_worst": float(min(shares)), f"ood_loso_{name}_mean": float(np.mean(shares)),
-                        f"ood_loso_{name}_sources": len(shares)})
+            out.update({f"loso_{name}_worst": float(min(shares)), f"loso_{name}_mean": float(np.mean(shares)),
+                        f"loso_{name}_sources": len(shares)})
     return out
 
 
@@ -183,15 +183,15 @@ def fit_guard(model, data_config, train: CachedImages, val: CachedImages, val_fe
     figures = by_source(guard, rows, (val_features, val_texture, val_colours))
     guard.probe = ood.Probe.fit(texture, rows["colours"], kinds, sources, val_texture, val_colours, home=HOME)
     kept = float(guard.judge(val_features, val_colours, texture=val_texture)[0].mean())
-    results = {"ood_probe_kinds": ", ".join(guard.probe.kinds), "ood_guard_version": ood.VERSION,
-               "ood_probe_min_dermoscopic": guard.probe.min_dermoscopic, **summary(figures, kept),
-               "ood_by_source": figures}
+    results = {"probe_kinds": ", ".join(guard.probe.kinds), "guard_version": ood.VERSION,
+               "probe_min_dermoscopic": guard.probe.min_dermoscopic, **summary(figures, kept),
+               "by_source": figures}
     logger.info("guard, leave-one-source-out: skin photos flagged %.1f%% worst / %.1f%% mean, far-OOD flagged %.1f%% "
                 "worst, other dermoscopy kept %.1f%% worst; HAM10000 validation kept %.1f%%",
-                100 * results.get("ood_loso_skin_photo_flagged_worst", float("nan")),
-                100 * results.get("ood_loso_skin_photo_flagged_mean", float("nan")),
-                100 * results.get("ood_loso_far_flagged_worst", float("nan")),
-                100 * results.get("ood_loso_external_kept_worst", float("nan")), 100 * kept)
+                100 * results.get("loso_skin_photo_flagged_worst", float("nan")),
+                100 * results.get("loso_skin_photo_flagged_mean", float("nan")),
+                100 * results.get("loso_far_flagged_worst", float("nan")),
+                100 * results.get("loso_external_kept_worst", float("nan")), 100 * kept)
     return guard, results
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -45,8 +44,9 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
              n_calibration: int = 300, seed: int = 0) -> dict:
     """Measure int8 activation ranges on training images and gate int8 against fp32 on validation.
 
-    Writes INT8_RANGES and INT8_FIDELITY into output_dir; returns the fidelity figures (empty when
-    this machine cannot export or quantize: a GPU machine without onnx / onnxruntime, say).
+    Writes INT8_RANGES into output_dir; returns the fidelity figures, the results record's int8 section
+    (`passed` decides whether int8 is served), empty when this machine cannot export or quantize (a GPU
+    machine without onnx / onnxruntime, say).
     """
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
@@ -90,7 +90,6 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
         and figures["balanced_accuracy_fp32"] - figures["balanced_accuracy_int8"] <= INT8_GATE["balanced_accuracy_drop"]
         and figures.get("ood_verdict_agreement", 1.0) >= INT8_GATE["ood_verdict_agreement"])
     figures["gate"] = dict(INT8_GATE)
-    (output_dir / export.INT8_FIDELITY).write_text(json.dumps(figures, indent=2) + "\n")
     logger.info("int8 vs fp32 on validation: top-1 agreement %.4f, balanced accuracy %.4f vs %.4f, max prob diff "
                 "%.4f: %s", figures["top1_agreement"], figures["balanced_accuracy_int8"],
                 figures["balanced_accuracy_fp32"], figures["max_probability_difference"],

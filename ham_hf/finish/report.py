@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from ham_hf import metrics
 from ham_hf.figures import figure
-from ham_hf.labels import CLASS_CODES, LONG_NAMES
+from ham_hf.labels import CLASS_CODES, LONG_NAMES, MALIGNANT
 
 logger = logging.getLogger(__name__)
 
@@ -123,23 +124,125 @@ def by_subgroup(probs: np.ndarray, labels: Sequence[int], subgroups: Sequence[st
     return out
 
 
+# Patient subgroups of a scored split: a group smaller than MIN_IMAGES reads nothing, and the melanoma /
+# malignant figures need MIN_POSITIVES melanomas (malignant and benign lesions): intervals wider than
+# that say nothing.
+AGE_BANDS = ((0, 40, "under 40"), (40, 60, "40-59"), (60, float("inf"), "60 and over"))
+COMMONEST_SITES = 5
+MIN_IMAGES = 30
+MIN_POSITIVES = 10
+
+
+def age_band(age) -> str:
+    """The age band of an age in years ("unknown" when not recorded)."""
+    if age is None or age != age:  # None or NaN
+        return "unknown"
+    return next(name for low, high, name in AGE_BANDS if low <= float(age) < high)
+
+
+def patient_groups(metadata: dict[str, Sequence]) -> dict[str, list[str]]:
+    """Each image's group by sex, age band and body site (the commonest sites; the rest "other sites")."""
+    out = {}
+    if "sex" in metadata:
+        out["sex"] = [str(v) if v not in (None, "") else "unknown" for v in metadata["sex"]]
+    if "age" in metadata:
+        out["age"] = [age_band(v) for v in metadata["age"]]
+    if "localization" in metadata:
+        sites = [str(v) if v not in (None, "") else "unknown" for v in metadata["localization"]]
+        known = [s for s in sites if s != "unknown"]
+        common = [s for s, _ in Counter(known).most_common(COMMONEST_SITES)]
+        out["site"] = [s if s in common or s == "unknown" else "other sites" for s in sites]
+    return out
+
+
+def _group_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy (classes present), melanoma sensitivity at the decision, malignant-vs-benign ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    predicted, mel = probs.argmax(1), CLASS_CODES.index("mel")
+    malignant_ids = [CLASS_CODES.index(c) for c in sorted(MALIGNANT)]
+    malignant = np.isin(labels, malignant_ids)
+    return {"balanced_accuracy": float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)])),
+            "mel_sensitivity": float((predicted[labels == mel] == mel).mean()) if (labels == mel).any() else np.nan,
+            "malignant_roc_auc": float(roc_auc_score(malignant, probs[:, malignant_ids].sum(1)))
+            if 0 < malignant.sum() < len(labels) else np.nan}
+
+
+def subgroup_figures(probs: np.ndarray, labels: Sequence[int], lesions: Sequence[str], metadata: dict[str, Sequence],
+                     n_bootstrap: int = metrics.N_BOOTSTRAP, seed: int = 0) -> dict:
+    """Each patient group's images, lesions and figures with 95% lesion-bootstrap intervals; too-small ones None."""
+    probs, labels, lesions = np.asarray(probs, dtype=np.float64), np.asarray(labels), np.asarray(lesions)
+    mel, malignant_ids = CLASS_CODES.index("mel"), [CLASS_CODES.index(c) for c in sorted(MALIGNANT)]
+    out: dict = {"rule": {"min_images": MIN_IMAGES, "min_positives": MIN_POSITIVES, "resamples": n_bootstrap,
+                          "commonest_sites": COMMONEST_SITES}}
+    for kind, names in patient_groups(metadata).items():
+        names = np.asarray(names)
+        out[kind] = {}
+        for name in sorted(set(names), key=lambda g: _group_order(kind, g, (names == g).sum())):
+            rows = np.flatnonzero(names == name)
+            y = labels[rows]
+            n_malignant = int(np.isin(y, malignant_ids).sum())
+            readable = {"balanced_accuracy": len(rows) >= MIN_IMAGES,
+                        "mel_sensitivity": len(rows) >= MIN_IMAGES and (y == mel).sum() >= MIN_POSITIVES,
+                        "malignant_roc_auc": len(rows) >= MIN_IMAGES and min(n_malignant, len(y) - n_malignant)
+                        >= MIN_POSITIVES}
+            group = {"n": int(len(rows)), "lesions": int(len(set(lesions[rows]))), "melanomas": int((y == mel).sum()),
+                     "malignant": n_malignant, "ci": {}}
+            if any(readable.values()):
+                point = _group_scores(probs[rows], y)
+                samples = _bootstrap(probs[rows], y, lesions[rows], n_bootstrap, seed)
+                for key, ok in readable.items():
+                    group[key] = point[key] if ok else None
+                    if ok:
+                        values = np.array([s[key] for s in samples])
+                        group["ci"][key] = [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
+            else:
+                group.update(dict.fromkeys(readable))
+            group["too_small"] = [key for key, ok in readable.items() if not ok]
+            out[kind][name] = group
+    return out
+
+
+def _group_order(kind: str, name: str, n: int) -> tuple:
+    """Age bands young to old, other groups largest first; unknown and the rest last."""
+    bands = [band for _, _, band in AGE_BANDS]
+    rank = bands.index(name) if kind == "age" and name in bands else -n
+    return (name in ("unknown", "other sites"), rank, name)
+
+
+def _bootstrap(probs: np.ndarray, labels: np.ndarray, lesions: np.ndarray, n: int, seed: int) -> list[dict]:
+    """_group_scores over n resamples of whole lesions, seeded."""
+    rng = np.random.default_rng(seed)
+    _, index = np.unique(lesions, return_inverse=True)
+    members = [np.flatnonzero(index == g) for g in range(index.max() + 1)]
+    samples = []
+    for _ in range(n):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        samples.append(_group_scores(probs[rows], labels[rows]))
+    return samples
+
+
 def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, labels: Sequence[int],
                         image_ids: Sequence[str], groups: Sequence[str] | None = None,
-                        dx_types: Sequence[str | None] | None = None) -> dict:
-    """Score a split (95% CIs resampling `groups`, the lesions; figures by `dx_types`, how each diagnosis
-    was confirmed) and write its metrics JSON, confusion matrix, reliability diagram, per-class report
-    and predictions."""
+                        metadata: dict[str, Sequence] | None = None) -> dict:
+    """Score a split (95% CIs resampling `groups`, the lesions; figures by how each diagnosis was confirmed and
+    by patient group, from `metadata`) and write its metrics JSON, confusion matrix, reliability diagram,
+    per-class report and predictions."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = list(groups) if groups is not None else list(image_ids)
+    metadata = metadata or {}
     result = metrics.compute(probs, np.asarray(labels), groups=groups, n_bootstrap=metrics.N_BOOTSTRAP)
-    if dx_types is not None:
+    if metadata.get("dx_type") is not None:
         # HAM10000's follow-up images are all nevi of one kind and easy; histopathology-confirmed lesions
         # look most like other clinics' data: the overall figures hide which is which.
-        result["by_dx_type"] = by_subgroup(probs, labels, dx_types)
+        result["by_dx_type"] = by_subgroup(probs, labels, metadata["dx_type"])
         logger.info("%s by dx_type: %s", split, ", ".join(
             f"{k} (n={v['n']}) accuracy {v['accuracy']:.3f} balanced {v['balanced_accuracy']:.3f}"
             for k, v in result["by_dx_type"].items()))
+    if any(metadata.get(c) is not None for c in ("sex", "age", "localization")):
+        result["subgroups"] = subgroup_figures(probs, labels, groups, metadata)
+        log_subgroups(split, result["subgroups"])
     (out / f"{split}_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_confusion_matrix(result["confusion_matrix"], out / f"{split}_confusion_matrix.png",
                           title=f"{split}: balanced accuracy {result['balanced_accuracy']:.3f}")
@@ -152,11 +255,11 @@ def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, l
     return result
 
 
-def update_all_results(output_dir: str | Path, results: dict, stale: tuple[str, ...] = ()) -> Path:
-    """Merge results into all_results.json (as transformers' examples keep it), first dropping keys starting `stale`."""
-    path = Path(output_dir) / "all_results.json"
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current = {k: v for k, v in current.items() if not (stale and k.startswith(stale))}
-    current.update(results)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    return path
+def log_subgroups(split: str, subgroups: dict) -> None:
+    """One log line per patient grouping: each group's balanced accuracy, or that it is too small."""
+    for kind in ("sex", "age", "site"):
+        if kind in subgroups:
+            logger.info("%s by %s: %s", split, kind, "; ".join(
+                f"{name} (n={g['n']}) " + (f"balanced accuracy {g['balanced_accuracy']:.3f}"
+                                           if g["balanced_accuracy"] is not None else "too small to read")
+                for name, g in subgroups[kind].items()))

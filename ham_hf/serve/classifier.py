@@ -205,14 +205,16 @@ class Classifier:
 
     def _int8_refusal(self) -> str | None:
         """Why int8 is not the default for this model, or None when its fidelity check passed."""
-        import json
-
-        from ham_hf.serve.export import INT8_FIDELITY
+        from ham_hf import results
 
         try:
-            fidelity = json.loads(self._model_file(INT8_FIDELITY).read_text())
-        except Exception:
-            return f"the model has no {INT8_FIDELITY} (run `ham-hf calibrate`)"
+            record = results.load(self.name) if Path(self.name).is_dir() else \
+                results.read(self._model_file(results.FILE))
+        except Exception as exc:  # no record in the Hub repo, offline, or of another version
+            return f"no readable {results.FILE} ({str(exc).splitlines()[0]})"
+        fidelity = record.get("int8")
+        if not fidelity:
+            return "the model's record has no int8 fidelity check (run `ham-hf calibrate --int8_only true`)"
         if not fidelity.get("passed"):
             return (f"its fidelity check failed: top-1 agreement {fidelity.get('top1_agreement', float('nan')):.4f}, "
                     f"balanced accuracy {fidelity.get('balanced_accuracy_int8', float('nan')):.4f} vs fp32 "

@@ -158,10 +158,9 @@ def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- int8 (static, QDQ)
 
-# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with) and
-# the fidelity check that decides whether int8 is served.
+# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with); the
+# fidelity check that decides whether int8 is served is the int8 section of its results record.
 INT8_RANGES = "int8_ranges.json"
-INT8_FIDELITY = "int8_fidelity.json"
 # How activation ranges are measured (ONNX Runtime's CalibrationMethod name). The moving average
 # of per-batch extremes, not the extremes over all images: with plain MinMax, rare outliers set the
 # ranges of the later stages and their typical activations round to zero (research/README.md,

@@ -192,21 +192,21 @@ class Guard:
         outside = self.score(outside_features)
         inside = self.score(val_features)
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-        figures = {"ood_threshold": self.threshold, "ood_keep_quantile": self.keep_quantile,
-                   "ood_validation_kept": float(self.in_distribution(inside).mean()),
-                   "ood_auroc": float(roc_auc_score(truth, np.r_[inside, outside])),
-                   "ood_n_images": len(outside)}
+        figures = {"threshold": self.threshold, "keep_quantile": self.keep_quantile,
+                   "validation_kept": float(self.in_distribution(inside).mean()),
+                   "auroc": float(roc_auc_score(truth, np.r_[inside, outside])),
+                   "n_images": len(outside)}
         flagged = ~self.in_distribution(outside)
         if self.probe is not None and colours_of is not None:
             flagged = ~self.judge(outside_features, colours_of(cached), outside, outside_texture)[0]
-            figures.pop("ood_validation_kept")  # the caller's, with colours: the probe decides too
-        figures["ood_flagged"] = float(flagged.mean())
+            figures.pop("validation_kept")  # the caller's, with colours: the probe decides too
+        figures["flagged"] = float(flagged.mean())
         if output_dir is not None:  # each image's verdict as served (the probe's too), beside its score
             per_image = {n: {"score": round(float(s), 2), "flagged": bool(f)}
                          for n, s, f in zip(names, outside, flagged)}
             (Path(output_dir) / "ood_images.json").write_text(json.dumps(per_image, indent=1) + "\n")
-        logger.info("OOD guard: non-dermoscopic package images AUROC %.4f, %.1f%% flagged", figures["ood_auroc"],
-                    100 * figures["ood_flagged"])
+        logger.info("OOD guard: non-dermoscopic package images AUROC %.4f, %.1f%% flagged", figures["auroc"],
+                    100 * figures["flagged"])
         return figures
 
 

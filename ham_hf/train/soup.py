@@ -9,7 +9,7 @@ image sources than the best of them. The greedy recipe: sort the ingredients by 
 accuracy, start from the best and keep each next one only if neither the soup's validation balanced
 accuracy nor its macro AUC drops; the result is never worse on either than the best ingredient.
 
-Each head is unfolded first (its folded temperature and logit adjustment, from its all_results.json),
+Each head is unfolded first (its folded temperature and logit adjustment, from its results record),
 the soups are scored as the project decides (`choose_tau`: the best balanced accuracy among the taus
 whose calibrated ECE meets the calibration goal), and the chosen soup is then calibrated like any
 trained model (`calibration.calibrate`: temperature, guard, int8, reports and card; the test split
@@ -25,7 +25,6 @@ cost colour robustness (research/README.md, "Model soups").
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import shlex
 import shutil
@@ -36,11 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ham_hf import data, head, hub, precision
+from ham_hf import data, head, hub, precision, results
 from ham_hf import model as model_lib
 from ham_hf.errors import ModelError, UserError
-from ham_hf.finish import calibration, report
+from ham_hf.finish import calibration
 from ham_hf.finish.evaluation import embed
+from ham_hf.hub import card
 from ham_hf.transforms import CachedImages, Preprocess, cache_split
 
 logger = logging.getLogger(__name__)
@@ -192,24 +192,22 @@ def greedy_soup(states: dict[str, dict], scorer, greedy: bool = True,
     return kept, soup, best["tau"], steps
 
 
-def write_card(output: Path, args: SoupArguments, split_args: data.SplitArguments, kept: list[str]) -> None:
-    """The soup's model card: its ingredients, the command, and the figures calibration wrote."""
-    final = {split: json.loads((output / f"{split}_metrics.json").read_text())
-             for split in ("validation", "test") if (output / f"{split}_metrics.json").is_file()}
+def training_record(args: SoupArguments, split_args: data.SplitArguments, kept: list[str], device) -> dict:
+    """The soup's training section of its record: its ingredients, the command and how it was chosen."""
     command = shlex.join(["ham-hf", "soup", "--models", *args.models, "--data", args.data,
                           "--output_dir", args.output_dir, "--greedy", str(args.greedy).lower(),
                           *(["--bn_images", str(args.bn_images)] if args.bn_images else [])])
-    training = {"method": "greedy soup" if args.greedy else "uniform soup", "ingredients": ", ".join(kept),
-                "offered": ", ".join(args.models), "recipes": "each ingredient's own model card (README.md)",
-                "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup tried)",
-                "BatchNorm statistics": (f"re-estimated on {args.bn_images} training images" if args.bn_images
-                                         else "the ingredients' own, averaged")}
-    base = hub.card_base_model(args.models[0])  # the backbone, as the first ingredient's card names it
-    hub.model_card(final, base_model=base, dataset=args.data, split_description=split_args.describe(),
-                   training=training, command=command,
-                   lineage=hub.lineage([("averaged", m) for m in kept])).save(output / "README.md")
-    results = json.loads((output / "all_results.json").read_text())
-    hub.add_trust_section(output / "README.md", results, final)
+    return {"base_model": card.base_model_of(args.models[0]),  # the backbone, as the first ingredient's record names it
+            "dataset": Path(args.data).name, "split": split_args.describe(), "command": command,
+            "device": precision.device_name(device.type == "cpu"),
+            "lineage": card.lineage([("averaged", m) for m in kept]),
+            "ingredients": kept, "offered": list(args.models), "greedy": args.greedy, "bn_images": args.bn_images,
+            "settings": {"method": "greedy soup" if args.greedy else "uniform soup", "ingredients": ", ".join(kept),
+                         "offered": ", ".join(args.models), "recipes": "each ingredient's own record and card",
+                         "steps": f"{hub.SOUP_FILE} (validation balanced accuracy of each ingredient and each soup "
+                                  "tried)",
+                         "BatchNorm statistics": (f"re-estimated on {args.bn_images} training images"
+                                                  if args.bn_images else "the ingredients' own, averaged")}}
 
 
 def run(args: SoupArguments, split_args: data.SplitArguments | None = None) -> dict:
@@ -243,20 +241,17 @@ def run(args: SoupArguments, split_args: data.SplitArguments | None = None) -> d
             writer = csv.DictWriter(fh, fieldnames=list(steps[0]))
             writer.writeheader()
             writer.writerows(steps)
-        results = {"soup_ingredients": kept, "soup_offered": [str(p) for p in paths], "soup_greedy": args.greedy,
-                   "soup_bn_images": args.bn_images,
-                   "logit_adjustment_tau": tau, "logit_adjustment_max_ece": args.logit_adjustment_max_ece}
-        report.update_all_results(stage, results)
+        results.update(stage, training=training_record(args, split_args, kept, device),
+                       head={"logit_adjustment_tau": tau, "logit_adjustment_max_ece": args.logit_adjustment_max_ece})
         logger.info("soup of %d of %d models (%s) at tau %g; calibrating", len(kept), len(paths), ", ".join(kept), tau)
-        # Calibration runs on the CPU: bf16 there only where the CPU has it (args.bf16 None lets it decide).
-        results.update(calibration.calibrate(str(stage), args.data, split_args=split_args, bf16=args.bf16,
-                                             cached=cached))
-        write_card(stage, args, split_args, kept)
+        # Calibration runs on the CPU: bf16 there only where the CPU has it (args.bf16 None lets it decide);
+        # it records its figures beside the training section and renders the card.
+        sections = calibration.calibrate(str(stage), args.data, split_args=split_args, bf16=args.bf16, cached=cached)
         if output.is_dir():  # empty, or --overwrite
             shutil.rmtree(output)
         elif output.exists():
             output.unlink()
         stage.rename(output)
     logger.info("soup in %s", output)
-    return results
+    return {**sections, "ingredients": kept}
 

@@ -6,7 +6,8 @@
 
 Recipe: head only for `--freeze_backbone_epochs`, then the whole network with the backbone at
 `--backbone_lr_multiplier` times the head's learning rate; AdamW with warm-up and a cosine
-schedule; class-weighted cross-entropy; augmentation on the device; the checkpoint with the best
+schedule; cross-entropy (class-weighted with `--class_weighting`, or a logit-adjusted decision with
+`--logit_adjustment_tau`, as the default recipe); augmentation on the device; the checkpoint with the best
 validation balanced accuracy is kept, and the test split is scored once, at the end.
 """
 
@@ -22,9 +23,11 @@ from transformers import set_seed
 
 from ham_hf import data, hub, metrics, precision
 from ham_hf import model as model_lib
+from ham_hf import results as results_lib
 from ham_hf.errors import DataError, UserError
 from ham_hf.finish import report
 from ham_hf.head import log_prior, unfold_head
+from ham_hf.hub import card
 from ham_hf.labels import CLASS_CODES
 from ham_hf.train.arguments import DataArguments, HamTrainingArguments, ModelArguments, RecipeArguments
 from ham_hf.train.trainer import HamTrainer, Teachers, class_weights
@@ -76,7 +79,7 @@ def load_teachers(paths: list[str], dc: model_lib.DataConfig, dsd, cached: dict[
         path = Path(name)
         if not path.is_dir() or not model_lib.is_fine_tuned(name):
             raise UserError(f"--distill_from {name}: not a fine-tuned HAM10000 model folder (config.json naming the 7 "
-                            "classes, model.safetensors, all_results.json); download a Hub model first "
+                            "classes, model.safetensors, results.json); download a Hub model first "
                             "(huggingface-cli download REPO --local-dir DIR)")
         check_unseen(path, dsd)
         teacher = model_lib.load_model(name)
@@ -179,23 +182,30 @@ def score(trainer: HamTrainer, split: str, dataset: CachedImages, output_dir: Pa
         return {}
     probs = metrics.softmax(out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions)
     return report.write_split_reports(output_dir, split, probs, dataset.labels.numpy(), dataset.image_ids,
-                                      dataset.groups, dataset.dx_types)
+                                      dataset.groups, dataset.metadata)
 
 
-def training_summary(args, recipe, augment, dc, trainer) -> dict:
-    """Collect the hyper-parameters and the run's figures for the model card."""
-    device = precision.device_name(args.use_cpu)
+def training_record(args, recipe, augment, dc, trainer, model_args, data_args, split_args, command) -> dict:
+    """The record's training section: the base model, data, split, command, device, run figures and settings."""
+    from ham_hf.repo_ids import is_hub_id
+
     runtime = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+    base = model_args.model_name_or_path
     return {
-        "image_size": dc.size, "epochs": args.num_train_epochs, "batch_size": args.per_device_train_batch_size,
-        "learning_rate_head": args.learning_rate,
-        "learning_rate_backbone": args.learning_rate * recipe.backbone_lr_multiplier,
-        "optimizer": str(args.optim), "scheduler": str(args.lr_scheduler_type), "warmup": args.warmup_steps,
-        "weight_decay": args.weight_decay, "precision": precision.name(args.bf16, args.fp16),
-        "seed": args.seed, "device": device,
-        "train_runtime_s": runtime.get("train_runtime"), "train_images_per_s": runtime.get("train_samples_per_second"),
-        **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items()},
-        **{f"augment.{k}": v for k, v in dataclasses.asdict(augment).items()},
+        "base_model": card.describe_base(base), "base_model_id": base if is_hub_id(base) else None,
+        "dataset": data_args.data if is_hub_id(data_args.data) else Path(data_args.data).name,
+        "split": split_args.describe(), "command": command or "ham-hf train ...",
+        "device": precision.device_name(args.use_cpu), "precision": precision.name(args.bf16, args.fp16),
+        "epochs": args.num_train_epochs, "image_size": dc.size, "runtime_s": runtime.get("train_runtime"),
+        "images_per_s": runtime.get("train_samples_per_second"),
+        "train_loss": runtime.get("train_loss"),
+        "lineage": card.lineage([("started from", base), *(("taught by", t) for t in recipe.distill_from or ())]),
+        "settings": {
+            "batch_size": args.per_device_train_batch_size, "learning_rate_head": args.learning_rate,
+            "learning_rate_backbone": args.learning_rate * recipe.backbone_lr_multiplier,
+            "optimizer": str(args.optim), "scheduler": str(args.lr_scheduler_type), "warmup": args.warmup_steps,
+            "weight_decay": args.weight_decay, "seed": args.seed,
+            **dataclasses.asdict(recipe), **{f"augment.{k}": v for k, v in dataclasses.asdict(augment).items()}},
     }
 
 
@@ -223,19 +233,20 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     if trainer.is_world_process_zero():  # under accelerate launch, one process writes the files
         output_dir.mkdir(parents=True, exist_ok=True)
         data.write_split_file(dsd, output_dir / data.SPLIT_FILE)
+        for stale in (results_lib.FILE, results_lib.LEGACY_FILE):  # a new model's record starts empty
+            (output_dir / stale).unlink(missing_ok=True)
         if options is not None:
             write_recipe(options, output_dir / hub.RECIPE_FILE)
-    train_result = trainer.train(resume_from_checkpoint=_resume_target(args.resume_from_checkpoint))
-    results = {k if k.startswith("train_") else f"train_{k}": v for k, v in train_result.metrics.items()}
-    results.update(precision=precision.name(args.bf16, args.fp16), device=precision.device_name(args.use_cpu))
+    trainer.train(resume_from_checkpoint=_resume_target(args.resume_from_checkpoint))
+    head_values: dict = {}
     if recipe.logit_adjustment_tau > 0 and recipe.tune_logit_adjustment and "validation" in cached:
         tau = trainer.tune_logit_adjustment(cached["validation"], log_prior(cached["train"].labels))
-        results.update(logit_adjustment_tau=tau, logit_adjustment_max_ece=recipe.logit_adjustment_max_ece)
+        head_values.update(logit_adjustment_tau=tau, logit_adjustment_max_ece=recipe.logit_adjustment_max_ece)
     elif recipe.logit_adjustment_tau > 0:
-        results["logit_adjustment_tau"] = recipe.logit_adjustment_tau
+        head_values["logit_adjustment_tau"] = recipe.logit_adjustment_tau
     trainer.fold_logit_adjustment()  # before saving: pipeline(...) then decides adjusted with no custom code
-    if recipe.calibrate:
-        results.update(calibrate_after_training(trainer, dc, cached, output_dir))
+    sections = calibrate_after_training(trainer, dc, cached, output_dir) if recipe.calibrate else {}
+    sections["head"] = {**head_values, **sections.get("head", {})}
     trainer.save_model()  # config.json + model.safetensors of the best checkpoint
     trainer.save_state()
 
@@ -243,23 +254,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, recipe: RecipeArgu
     for split in ("validation", "test"):  # the test split is scored here, once
         if split in cached:
             final[split] = score(trainer, split, cached[split], output_dir)
-            results.update({f"{'eval' if split == 'validation' else 'test'}_{k}": v
-                            for k, v in metrics.flatten(final[split]).items()})
     if not trainer.is_world_process_zero():
-        return results
-    report.update_all_results(output_dir, results)
+        return {**sections, "splits": final}
     report.plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    card = hub.model_card(
-        final, base_model=model_args.model_name_or_path, dataset=data_args.data,
-        split_description=split_args.describe(), training=training_summary(args, recipe, augment, dc, trainer),
-        command=command, lineage=hub.lineage(
-            [("started from", model_args.model_name_or_path), *(("taught by", t) for t in recipe.distill_from or ())]),
-    )
-    card.save(output_dir / "README.md")
-    if "temperature" in results:
-        hub.add_trust_section(output_dir / "README.md", results, final)
+    training = training_record(args, recipe, augment, dc, trainer, model_args, data_args, split_args, command)
+    results_lib.update(output_dir, training=training, splits=final, **sections)
+    card.render(output_dir)
     logger.info("model and reports in %s", output_dir)
     if push_to:
         logger.info("pushing the model to the Hub repo %s", push_to)
         hub.push_model(output_dir, push_to, private=bool(args.hub_private_repo))
-    return results
+    return {**sections, "splits": final, "training": training}

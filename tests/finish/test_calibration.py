@@ -79,8 +79,8 @@ def test_bootstrap_intervals_contain_the_estimate_and_are_seeded():
 
 
 def test_reports_break_the_figures_down_by_how_the_diagnosis_was_confirmed(tmp_path):
-    from ham_hf import hub
     from ham_hf.finish import report
+    from ham_hf.hub import card
 
     rng = np.random.default_rng(0)
     labels = np.array([5] * 6 + [4, 4, 2, 2] + list(range(7)))
@@ -88,7 +88,7 @@ def test_reports_break_the_figures_down_by_how_the_diagnosis_was_confirmed(tmp_p
     probs = np.eye(7)[predicted] * 0.9 + rng.random((len(labels), 7)) * 0.01
     dx = ["follow_up"] * 6 + ["histo"] * 4 + ["consensus"] * 7
     result = report.write_split_reports(tmp_path, "test", probs, labels, [f"i{k}" for k in range(len(labels))],
-                                        dx_types=dx)
+                                        metadata={"dx_type": dx})
     assert result["by_dx_type"] == {
         "consensus": {"n": 7, "accuracy": 1.0, "balanced_accuracy": 1.0},
         "follow_up": {"n": 6, "accuracy": 1.0, "balanced_accuracy": 1.0},
@@ -96,7 +96,7 @@ def test_reports_break_the_figures_down_by_how_the_diagnosis_was_confirmed(tmp_p
     }
     assert json.loads((tmp_path / "test_metrics.json").read_text())["by_dx_type"] == result["by_dx_type"]
     assert list(result["by_dx_type"]) == ["consensus", "follow_up", "histo"]  # largest first
-    assert "| histo | 0.750 / 0.750 (4) |" in hub.dx_type_table({"test": result})
+    assert "| histo | 0.750 / 0.750 (4) |" in card.dx_type_table({"test": result})
 
 
 def test_operating_points_match_their_definitions():
@@ -115,15 +115,16 @@ def test_operating_points_match_their_definitions():
 
 
 def test_trained_model_is_calibrated_and_guarded(calibrated_tiny_model):
-    results = json.loads((calibrated_tiny_model / "all_results.json").read_text())
-    assert results["temperature"] > 0 and "eval_ece_calibrated" in results and "test_brier_calibrated" in results
+    record = json.loads((calibrated_tiny_model / "results.json").read_text())
+    assert record["head"]["temperature"] > 0
+    assert set(record["calibration"]) == {"validation", "test"} and "brier_after" in record["calibration"]["test"]
     assert (calibrated_tiny_model / ood.GUARD_FILE).is_file()
     assert (calibrated_tiny_model / "validation_reliability.png").is_file()
     assert (calibrated_tiny_model / "validation_reliability_uncalibrated.png").is_file()
     test = json.loads((calibrated_tiny_model / "test_metrics.json").read_text())
     assert test["ci_resamples"] == metrics.N_BOOTSTRAP and "balanced_accuracy" in test["ci"]
     card = (calibrated_tiny_model / "README.md").read_text()
-    assert "## Calibration and out-of-distribution guard" in card and "AUROC" in card
+    assert "## Out-of-distribution guard" in card and "AUROC" in card and "## Calibration" in card
     assert sum(g["n"] for g in test["by_dx_type"].values()) == sum(map(sum, test["confusion_matrix"]))
     assert "By how the diagnosis was confirmed" in card
     guard = ood.Guard.load(calibrated_tiny_model / ood.GUARD_FILE)
@@ -186,7 +187,7 @@ def test_calibrate_cli_adds_guard_and_temperature(tiny_model, ham_dir_ro, tmp_pa
     out = tmp_path / "calibrated"
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out)]) == 0
     assert (out / ood.GUARD_FILE).is_file() and (out / "config.json").is_file()
-    assert json.loads((out / "all_results.json").read_text())["temperature"] > 0
+    assert json.loads((out / "results.json").read_text())["head"]["temperature"] > 0
     assert not (tiny_model / ood.GUARD_FILE).exists()  # --output leaves the source alone
 
 
@@ -194,12 +195,14 @@ def test_recalibrating_keeps_the_head_and_records_the_whole_temperature(tiny_mod
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(once)]) == 0
     assert main(["calibrate", "--model", str(once), "--data", str(ham_dir_ro), "--output", str(twice)]) == 0
-    r1, r2 = (json.loads((d / "all_results.json").read_text()) for d in (once, twice))
-    assert abs(np.log(r1["temperature"])) > np.log(calibration.TEMPERATURE_TOLERANCE)  # the first one folded a T
-    assert r2["temperature"] == pytest.approx(r1["temperature"])  # the head's whole T, not a ~1 refit on top
-    assert r2["eval_ece_uncalibrated"] == pytest.approx(r1["eval_ece_uncalibrated"], abs=0.01)  # "before" = raw
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (once, twice))
+    t1, t2 = r1["head"]["temperature"], r2["head"]["temperature"]
+    assert abs(np.log(t1)) > np.log(calibration.TEMPERATURE_TOLERANCE)  # the first one folded a T
+    assert t2 == pytest.approx(t1)  # the head's whole T, not a ~1 refit on top
+    ece = [r["calibration"]["validation"]["ece_before"] for r in (r1, r2)]
+    assert ece[1] == pytest.approx(ece[0], abs=0.01)  # "before" = raw
     assert (twice / "model.safetensors").read_bytes() == (once / "model.safetensors").read_bytes()
-    assert "head_changed" not in r2
+    assert "head_changed" not in r2 and "head_changed" not in r2["head"]
 
 
 @pytest.mark.slow

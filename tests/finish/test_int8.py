@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ham_hf import results
 from ham_hf.serve import export
 from ham_hf.serve.classifier import Classifier
 
@@ -22,6 +23,11 @@ def cache(tmp_path, monkeypatch):
     return export.cache_dir()
 
 
+def _int8(folder) -> dict:
+    """The int8 section of a model folder's results record (the gate the classifier reads)."""
+    return results.load(folder).get("int8", {})
+
+
 def _copy(model, tmp_path, name="m"):
     folder = tmp_path / name
     shutil.copytree(model, folder)
@@ -29,7 +35,7 @@ def _copy(model, tmp_path, name="m"):
 
 
 def test_calibration_writes_ranges_and_a_fidelity_record(calibrated_tiny_model):
-    fidelity = json.loads((calibrated_tiny_model / export.INT8_FIDELITY).read_text())
+    fidelity = _int8(calibrated_tiny_model)
     for key in ("top1_agreement", "balanced_accuracy_fp32", "balanced_accuracy_int8", "max_probability_difference",
                 "mean_probability_difference", "ood_verdict_agreement", "passed", "gate"):
         assert key in fidelity, key
@@ -51,9 +57,9 @@ def test_int8_is_built_from_the_shipped_ranges_and_agrees_with_fp32(calibrated_t
 
 def test_auto_follows_the_fidelity_gate(calibrated_tiny_model, tmp_path, cache, caplog):
     folder = _copy(calibrated_tiny_model, tmp_path)
-    record = json.loads((folder / export.INT8_FIDELITY).read_text())
+    record = _int8(folder)
     for passed, expected in ((True, "onnx-int8"), (False, "onnx")):
-        (folder / export.INT8_FIDELITY).write_text(json.dumps({**record, "passed": passed}))
+        results.update(folder, int8={**record, "passed": passed})
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="ham_hf.serve.classifier"):
             assert Classifier(str(folder)).backend == expected
@@ -65,8 +71,7 @@ def test_auto_follows_the_fidelity_gate(calibrated_tiny_model, tmp_path, cache, 
 def test_int8_trouble_falls_back_to_fp32_with_one_line(calibrated_tiny_model, ham_dir_ro, tmp_path, cache, caplog,
                                                         damage):
     folder = _copy(calibrated_tiny_model, tmp_path)
-    fidelity = json.loads((folder / export.INT8_FIDELITY).read_text())
-    (folder / export.INT8_FIDELITY).write_text(json.dumps({**fidelity, "passed": True}))
+    results.update(folder, int8={**_int8(folder), "passed": True})
     if damage == "missing ranges":
         (folder / export.INT8_RANGES).unlink()
     elif damage == "corrupt ranges":
@@ -107,10 +112,9 @@ def test_bundled_int8_reproduces_its_recorded_fidelity_on_real_images(bundled_mo
     """On real validation images, int8 and fp32 agree as the model's own record says (and the gate decides)."""
     import csv
 
-    record_path = bundled_model / export.INT8_FIDELITY
-    if not record_path.is_file():
+    record = _int8(bundled_model)
+    if not record:
         pytest.skip("the bundled model has no int8 record")
-    record = json.loads(record_path.read_text())
     ids = [r["image_id"] for r in csv.DictReader((bundled_model / "split.csv").open()) if r["split"] == "validation"]
     rng = np.random.default_rng(0)
     paths = [str(next(real_ham_dir.glob(f"HAM10000_images_part_*/{i}.jpg"))) for i in rng.choice(ids, 200, False)]
@@ -146,19 +150,20 @@ def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model,
     for tensor in stale["data"].values():  # ranges of another model: they must be measured again, not reused
         tensor["highest"]["data"] = [x * 10 + 1 for x in tensor["highest"]["data"]]
     (folder / export.INT8_RANGES).write_text(json.dumps(stale))
-    (folder / export.INT8_FIDELITY).unlink()
+    results.update(folder, int8=None)
     kept = {name: (folder / name).read_bytes() for name in ("model.safetensors", ood.GUARD_FILE)}
-    before = json.loads((folder / "all_results.json").read_text())
+    before = results.load(folder)
     assert main(["calibrate", "--model", str(folder), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
     assert all((folder / name).read_bytes() == data for name, data in kept.items())
     assert json.loads((folder / export.INT8_RANGES).read_text()) == json.loads(
         (calibrated_tiny_model / export.INT8_RANGES).read_text())
-    after = json.loads((folder / "all_results.json").read_text())
-    assert after["temperature"] == before["temperature"] and "int8_top1_agreement" in after
-    assert json.loads((folder / export.INT8_FIDELITY).read_text())["n_validation"] > 0
+    after = results.load(folder)
+    assert after["head"] == before["head"] and after["splits"] == before["splits"]
+    assert after["int8"]["n_validation"] > 0 and "top1_agreement" in after["int8"]
     card = (folder / "README.md").read_text()
-    assert "**int8 on the CPU**" in card and "95% confidence intervals" in card
-    assert f"T = {after['temperature']:.3f}" in card
+    assert "## int8 on the CPU" in card and "95% confidence intervals" in card
+    assert f"top-1 agreement {after['int8']['top1_agreement']:.4f}" in card
+    assert f"T = {after['head']['temperature']:.3f}" in card
 
 
 def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, ham_dir_ro, tmp_path, caplog,
@@ -176,7 +181,7 @@ def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, h
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out)]) == 0
     assert (out / ood.GUARD_FILE).is_file() and not (out / export.INT8_RANGES).exists()
     assert "onnxruntime not installed here; run `ham-hf calibrate --int8_only true`" in caplog.text
-    assert "int8_passed" not in json.loads((out / "all_results.json").read_text())
+    assert "int8" not in results.load(out)
 
 
 def test_training_can_leave_int8_to_calibrate(ham_dir_ro, tiny_backbone, tmp_path, cache):
@@ -188,9 +193,8 @@ def test_training_can_leave_int8_to_calibrate(ham_dir_ro, tiny_backbone, tmp_pat
 
     out = tmp_path / "run"
     assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--calibrate_int8", "false", "--num_train_epochs", "1")) == 0
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["temperature"] > 0 and (out / ood.GUARD_FILE).is_file()
-    assert not (out / export.INT8_RANGES).exists() and not any(k.startswith("int8_") for k in results)
+    record = results.load(out)
+    assert record["head"]["temperature"] > 0 and (out / ood.GUARD_FILE).is_file()
+    assert not (out / export.INT8_RANGES).exists() and "int8" not in record
     assert main(["calibrate", "--model", str(out), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
-    assert (out / export.INT8_RANGES).is_file() and "int8_top1_agreement" in json.loads(
-        (out / "all_results.json").read_text())
+    assert (out / export.INT8_RANGES).is_file() and "top1_agreement" in results.load(out)["int8"]

@@ -250,7 +250,7 @@ def test_push_uploads_the_model_files(tiny_model, monkeypatch, caplog):
     assert calls["repo"] == "me/ham-tiny" and calls["create"]["private"] is True
     assert calls["upload"]["repo_id"] == "me/ham-tiny" and calls["upload"]["repo_type"] == "model"
     files = calls["files"]
-    assert {"config.json", "model.safetensors", "README.md", "all_results.json", "test_confusion_matrix.png",
+    assert {"config.json", "model.safetensors", "README.md", "results.json", "test_confusion_matrix.png",
             "training_curves.png", "test_metrics.json"} <= files
     assert not any(f.startswith("checkpoint") or f.endswith((".bin", ".pt", ".pth")) for f in files)
     assert "test_predictions.csv" not in files

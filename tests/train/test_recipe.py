@@ -28,11 +28,11 @@ NATIVE_CPU_BF16 = precision.cpu_bf16_native() and not torch.cuda.is_available()
 def test_cpu_bf16_is_automatic_and_saved_weights_stay_float32(tmp_path, ham_dir_ro, tiny_backbone):
     out = tmp_path / "bf16"
     assert main(train_argv(ham_dir_ro, tiny_backbone, out)) == 0
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["precision"] == "bf16" and results["device"].startswith("CPU")
+    training = json.loads((out / "results.json").read_text())["training"]
+    assert training["precision"] == "bf16" and training["device"].startswith("CPU")
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "model.safetensors")).values()
                if t.is_floating_point())
-    assert "| precision | bf16 |" in (out / "README.md").read_text()
+    assert f"on {training['device']} (bf16)" in (out / "README.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rules; a GPU decides for itself")
@@ -63,7 +63,7 @@ def _final_weights(tmp_path, ham_dir_ro, tiny_backbone, name, *extra):
                       "--calibrate", "false",
                       "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", *extra)
     assert main(argv) == 0
-    return load_file(str(out / "model.safetensors")), json.loads((out / "all_results.json").read_text())
+    return load_file(str(out / "model.safetensors")), json.loads((out / "results.json").read_text())["head"]
 
 
 def test_logit_adjustment_folds_minus_tau_log_prior_into_the_head_bias(tmp_path, ham_dir_ro, tiny_backbone):
@@ -128,7 +128,7 @@ def test_tuned_logit_adjustment_records_a_grid_tau(tmp_path, ham_dir_ro, tiny_ba
     argv = train_argv(ham_dir_ro, tiny_backbone, out, "--class_weighting", "none", "--logit_adjustment_tau", "1",
                       "--tune_logit_adjustment", "true")
     assert main(argv) == 0
-    results = json.loads((out / "all_results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["head"]
     assert results["logit_adjustment_tau"] in calibration.TAU_GRID
     assert results["logit_adjustment_max_ece"] == calibration.MAX_ECE
 
@@ -153,7 +153,7 @@ def test_calibrate_retunes_tau_and_refolds_the_head(tmp_path, ham_dir_ro, tiny_b
                            "--calibrate", "false")) == 0
     assert main(["calibrate", "--model", str(src), "--data", str(ham_dir_ro), "--output", str(out),
                  "--retune_logit_adjustment", "true", "--logit_adjustment_max_ece", "1"]) == 0
-    results = json.loads((out / "all_results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["head"]
     tau, temperature = results["logit_adjustment_tau"], results["temperature"]
     dsd = data.load_splits(str(ham_dir_ro))
     prior = head.log_prior(dsd["train"]["label"]).double().numpy()

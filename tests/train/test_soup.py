@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from ham_hf import data, head, hub, train
+from ham_hf import data, head, hub, results, train
 from ham_hf import model as model_lib
 from ham_hf.cli import main
 from ham_hf.errors import UserError
@@ -113,23 +113,24 @@ def test_soup_averages_the_unfolded_heads_and_refolds_its_own(tmp_path, ham_dir_
     out = tmp_path / "soup"
     assert main(["soup", "--models", *map(str, ingredients), "--data", str(ham_dir_ro), "--output_dir", str(out),
                  "--greedy", "false", "--logit_adjustment_max_ece", "1"]) == 0
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["soup_ingredients"] and results["soup_greedy"] is False
+    record = results.load(out)
+    assert record["training"]["ingredients"] and record["training"]["greedy"] is False
     card = (out / "README.md").read_text()
     assert all(f"- averaged `{p}` (base model `" in card for p in ingredients)  # how each ingredient was made
-    assert results["logit_adjustment_tau"] in calibration.TAU_GRID and results["temperature"] > 0
+    tau, temperature = record["head"]["logit_adjustment_tau"], record["head"]["temperature"]
+    assert tau in calibration.TAU_GRID and temperature > 0
     # Unfolded by its own record, the soup is exactly the average of the unfolded ingredients.
     got = head.unfolded_state(out, prior)
     for key, value in expected.items():
         if value.is_floating_point():
             assert torch.allclose(got[key], value, atol=1e-5), key
     # Its folded head is (raw - tau log prior) / T, as a trained model's.
-    folded = torch.cat([raw_head[:, :-1], (raw_head[:, -1] - results["logit_adjustment_tau"] * prior)[:, None]], 1)
+    folded = torch.cat([raw_head[:, :-1], (raw_head[:, -1] - tau * prior)[:, None]], 1)
     from safetensors.torch import load_file
 
     saved = load_file(out / "model.safetensors")
     saved_head = torch.cat([saved["fc.weight"], saved["fc.bias"][:, None]], 1)  # timm names on disk
-    assert torch.allclose(saved_head, folded / results["temperature"], atol=1e-5)
+    assert torch.allclose(saved_head, folded / temperature, atol=1e-5)
     # A complete model folder: reports (test scored once), guard, the steps, a card that says what it is.
     for name in ("config.json", "split.csv", "soup.csv", "validation_metrics.json", "test_metrics.json",
                  "ood_guard.safetensors"):
@@ -150,8 +151,7 @@ def test_soup_of_a_model_with_its_copy_is_that_model(tmp_path, ham_dir_ro, adjus
     prior = _prior(ham_dir_ro)
     before, after = head.unfolded_state(adjusted_tiny_model, prior), head.unfolded_state(out, prior)
     assert all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items() if v.is_floating_point())
-    assert json.loads((out / "all_results.json").read_text())["soup_ingredients"] == [str(adjusted_tiny_model),
-                                                                                       str(copy)]
+    assert results.load(out)["training"]["ingredients"] == [str(adjusted_tiny_model), str(copy)]
 
 
 def test_soup_with_batchnorm_re_estimated_saves_the_statistics_it_was_scored_with(tmp_path, ham_dir_ro,
@@ -161,8 +161,7 @@ def test_soup_with_batchnorm_re_estimated_saves_the_statistics_it_was_scored_wit
     out = tmp_path / "soup"
     assert main(["soup", "--models", str(adjusted_tiny_model), str(copy), "--data", str(ham_dir_ro),
                  "--output_dir", str(out), "--bn_images", "16", "--bf16", "false"]) == 0
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["soup_bn_images"] == 16 and "--bn_images 16" in (out / "README.md").read_text()
+    assert results.load(out)["training"]["bn_images"] == 16 and "--bn_images 16" in (out / "README.md").read_text()
     # The model itself with its statistics re-estimated on the same 16 images, nothing else changed.
     from ham_hf.transforms import cache_split
 
@@ -223,39 +222,35 @@ def test_training_continues_from_the_bare_logits_of_a_fine_tuned_model(tmp_path,
     # the run must hand back the bare model it started from, refolded with its own tau and temperature.
     assert main(train_argv(ham_dir_ro, adjusted_tiny_model, out, "--class_weighting", "none", "--logit_adjustment_tau",
                            "0.25", "--learning_rate", "0", "--freeze_backbone_epochs", "2")) == 0
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["logit_adjustment_tau"] == 0.25
+    assert results.load(out)["head"]["logit_adjustment_tau"] == 0.25
     prior = _prior(ham_dir_ro)
     before, after = head.unfolded_state(adjusted_tiny_model, prior), head.unfolded_state(out, prior)
     assert all(torch.allclose(after[k], v, atol=1e-5) for k, v in before.items() if v.is_floating_point())
     # Its card traces it back: the folder it started from, with that folder's base model and command.
     card = (out / "README.md").read_text()
-    start = (adjusted_tiny_model / "README.md").read_text()
-    command = start.split("## Training\n\n```bash\n")[1].split("\n```")[0]
+    command = results.load(adjusted_tiny_model)["training"]["command"]
     assert f"- started from `{adjusted_tiny_model}`" in card and f"`{command}`" in card
 
 
 def test_lineage_nests_each_ancestor_s_own_lineage(tmp_path, adjusted_tiny_model):
+    from ham_hf.hub import card
+
     grand, parent = tmp_path / "grand", tmp_path / "parent"
-    results = {"validation": None, "test": None}
     for folder, base, cmd, device in ((grand, "imagenet", "ham-hf train --first", "NVIDIA H200"),
                                       (parent, str(grand), "ham-hf train --second", "CPU (2 threads)")):
-        folder.mkdir()
-        hub.model_card(results, base_model=base, dataset="ham10000", split_description="", training={"device": device},
-                       command=cmd, lineage=hub.lineage([("started from", base)])).save(folder / "README.md")
-    text = hub.lineage([("started from", str(parent)), ("taught by", str(adjusted_tiny_model))])
-    lines = text.splitlines()
-    assert lines[0] == hub.LINEAGE_HEADER
-    assert lines[2] == f"- started from `{parent}` (base model `{grand}`, CPU (2 threads)): `ham-hf train --second`"
-    assert lines[3] == f"  - started from `{grand}` (base model `imagenet`, NVIDIA H200): `ham-hf train --first`"
-    assert lines[4].startswith(f"- taught by `{adjusted_tiny_model}`")
-    # A bare backbone (no card this project wrote) or a Hub id leaves no trace to follow.
+        results.update(folder, training={"base_model": base, "command": cmd, "device": device,
+                                         "lineage": card.lineage([("started from", base)])})
+    lineage = card.lineage([("started from", str(parent)), ("taught by", str(adjusted_tiny_model))])
+    lines = card.lineage_lines(lineage)
+    assert lines[0] == f"- started from `{parent}` (base model `{grand}`, CPU (2 threads)): `ham-hf train --second`"
+    assert lines[1] == f"  - started from `{grand}` (base model `imagenet`, NVIDIA H200): `ham-hf train --first`"
+    assert lines[2].startswith(f"- taught by `{adjusted_tiny_model}`")
+    # A bare backbone (no record this project wrote) or a Hub id leaves no trace to follow.
     (tmp_path / "backbone").mkdir()
-    (tmp_path / "backbone" / "README.md").write_text("# ResNet-50\n\nImageNet weights.\n")
-    assert hub.lineage([("started from", str(tmp_path / "backbone")), ("taught by", "timm/resnet50.a1_in1k")]) == ""
-    # A hand-written base-model line is still read: the first quoted name after "Base model:".
     (tmp_path / "backbone" / "README.md").write_text("Base model: the ImageNet ResNet-50 of `../w` (Keras).\n")
-    assert hub.card_base_model(tmp_path / "backbone") == "../w" and hub.card_base_model(tmp_path) == "unknown"
+    assert card.lineage([("started from", str(tmp_path / "backbone")), ("taught by", "timm/resnet50.a1_in1k")]) == []
+    assert card.base_model_of(tmp_path / "backbone") == "unknown"  # a card's prose is never read back
+    assert card.base_model_of(parent) == str(grand)
 
 
 def test_training_on_refuses_a_split_that_tests_on_the_model_s_training_images(tmp_path, ham_dir_ro,

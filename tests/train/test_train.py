@@ -25,14 +25,17 @@ from conftest import train_argv
 
 
 def test_output_folder_is_complete(tiny_model):
-    for name in ("config.json", "model.safetensors", "README.md", "all_results.json", "split.csv",
+    for name in ("config.json", "model.safetensors", "README.md", "results.json", "split.csv",
                  "training_curves.png", "test_confusion_matrix.png", "test_per_class.csv", "test_predictions.csv",
                  "validation_confusion_matrix.png"):
         assert (tiny_model / name).is_file(), name
-    results = json.loads((tiny_model / "all_results.json").read_text())
-    for key in ("eval_balanced_accuracy", "eval_macro_f1", "eval_roc_auc_macro", "eval_recall_mel",
-                "test_accuracy", "test_balanced_accuracy", "test_roc_auc_macro", "train_runtime"):
-        assert key in results, key
+    assert not (tiny_model / "all_results.json").exists()  # the record is the one results file
+    record = json.loads((tiny_model / "results.json").read_text())
+    for split in ("validation", "test"):
+        for key in ("balanced_accuracy", "macro_f1", "roc_auc_macro", "ci"):
+            assert key in record["splits"][split], (split, key)
+        assert record["splits"][split] == json.loads((tiny_model / f"{split}_metrics.json").read_text())
+    assert record["training"]["runtime_s"] > 0 and record["training"]["command"].startswith("ham-hf train")
     config = json.loads((tiny_model / "config.json").read_text())
     assert config["label_names"] == list(CLASS_CODES) and config["num_classes"] == 7
     rows = list(csv.DictReader((tiny_model / "test_predictions.csv").open()))
@@ -68,9 +71,9 @@ def test_model_card_metadata(tiny_model):
     assert card.data.library_name == "timm"
     assert card.data.pipeline_tag == "image-classification"
     assert card.data.license == "cc-by-nc-sa-4.0"
-    results = json.loads((tiny_model / "all_results.json").read_text())
+    test = json.loads((tiny_model / "results.json").read_text())["splits"]["test"]
     by_type = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert by_type["balanced_accuracy"] == pytest.approx(results["test_balanced_accuracy"], abs=1e-4)
+    assert by_type["balanced_accuracy"] == pytest.approx(test["balanced_accuracy"], abs=1e-4)
     assert "Not a medical device" in card.text and "lesion_id" in card.text and "ham-hf train" in card.text
 
 
@@ -311,7 +314,7 @@ def test_averaging_run_saves_the_best_checkpoint_average(tmp_path, ham_dir_ro, t
     best = Path(json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) != [best.name]  # others exist: the choice is real
     assert_same(load_file(str(out / "model.safetensors")), load_file(str(best / "model.safetensors")), rtol=0, atol=0)
-    assert "| recipe.ema_decay | 0.5 |" in (out / "README.md").read_text()
+    assert "| ema_decay | 0.5 |" in (out / "README.md").read_text()
 
 
 
@@ -334,14 +337,17 @@ def test_ema_decay_outside_zero_one_is_refused():
 def test_evaluate_cli_scores_a_saved_model(tiny_model, ham_dir_ro, tmp_path):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--split", "all",
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--record", "false"]) == 0
     result = json.loads((out / "all_metrics.json").read_text())
     assert sum(sum(r) for r in result["confusion_matrix"]) == len(data.read_ham10000(ham_dir_ro))
-    for name in ("all_confusion_matrix.png", "all_per_class.csv", "all_predictions.csv", "all_results.json"):
+    for name in ("all_confusion_matrix.png", "all_per_class.csv", "all_predictions.csv", "results.json"):
         assert (out / name).is_file()
+    entry = json.loads((out / "results.json").read_text())["evaluations"][f"{ham_dir_ro.name}"]
+    assert entry["result"] == result and entry["split"] == "all" and entry["tta"] is False
     # The same numbers as the test split's scoring at the end of training.
     test_out = tmp_path / "test"
-    main(["evaluate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(test_out)])
+    main(["evaluate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(test_out),
+          "--record", "false"])
     a = json.loads((test_out / "test_metrics.json").read_text())
     b = json.loads((tiny_model / "test_metrics.json").read_text())
     assert a["balanced_accuracy"] == pytest.approx(b["balanced_accuracy"])
@@ -354,11 +360,12 @@ def test_evaluate_with_tta_scores_what_the_app_serves_with_tta(tiny_model, ham_d
 
     out = tmp_path / "eval-tta"
     assert main(["evaluate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--split", "validation",
-                 "--tta", "true", "--output", str(out), "--batch_size", "16"]) == 0
-    assert json.loads((out / "all_results.json").read_text())["test_time_augmentation"] is True
+                 "--tta", "true", "--output", str(out), "--batch_size", "16", "--record", "false"]) == 0
+    entries = json.loads((out / "results.json").read_text())["evaluations"]
+    assert [e["tta"] for e in entries.values()] == [True]
     # In float32, to compare exactly with the app's TTA (8 views, probabilities averaged) on the torch path.
     evaluation.evaluate_model(str(tiny_model), str(ham_dir_ro), "validation", str(out), batch_size=16, bf16=False,
-                              tta=True)
+                              tta=True, record=False)
     rows = list(csv.DictReader((out / "validation_predictions.csv").open()))[:6]
     files = [next(ham_dir_ro.glob(f"HAM10000_images_part_*/{r['image_id']}.jpg")) for r in rows]
     served = Classifier(str(tiny_model), backend="torch").predict_proba([str(f) for f in files], tta=True)
@@ -456,8 +463,8 @@ def test_default_recipe_trains_through_the_product_and_records_itself(tmp_path, 
                 "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32, "eval_strategy": "steps",
                 "save_strategy": "steps", "eval_steps": 2, "save_steps": 2, "calibrate": False}
     assert recipe == expected  # where the run read and wrote is not part of its recipe
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["logit_adjustment_tau"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # tuned on validation, as the recipe says
+    head = json.loads((out / "results.json").read_text())["head"]
+    assert head["logit_adjustment_tau"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # tuned on validation, as the recipe says
     # The recorded recipe is itself a config that `ham-hf train` takes.
     assert main(["train", str(out / "recipe.json"), *overrides[:4], "--output_dir", str(tmp_path / "again"),
                  *overrides[6:]]) == 0
