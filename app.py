@@ -6,14 +6,14 @@ It runs as a Hugging Face Space as it is (`ham-hf deploy` writes the Space READM
 The model defaults to the bundled folder models/ham10000-resnet50 when there is one.
 """
 
-from __future__ import annotations
-
 import os
 
 # Set before PyTorch loads OpenMP: serving runs ONNX Runtime beside PyTorch preprocessing, and
 # PyTorch's OpenMP threads spin-waiting after each small op steal the cores from ONNX Runtime's
 # threads (about 10% of the latency on 2 cores; benchmarks/latency.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator turns it on.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse  # noqa: E402
 import html  # noqa: E402
@@ -22,6 +22,9 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from gradio.data_classes import FileData  # noqa: E402
+from gradio.processing_utils import save_pil_to_cache  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
 
 from ham_hf.defaults import BUNDLED_MODEL  # noqa: E402
 from ham_hf.errors import ImageError, ModelError  # noqa: E402
@@ -36,16 +39,18 @@ logger = logging.getLogger("ham_hf.app")
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = BUNDLED_MODEL
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
-# Requests decode their images side by side and their forward passes are batched (ham_hf.serve.batcher):
-# up to MAX_BATCH images share one pass, which on 2 cores answers several times more images a second.
+# Requests decode and check their own uploads side by side, and their forward passes are batched
+# (ham_hf.serve.batcher): up to MAX_BATCH images share one pass, which on 2 cores answers several times
+# more images a second. Not Gradio's batch=True: it hands a batch to one call, so one unreadable upload
+# would fail every request batched with it.
 CONCURRENCY = 16
 MAX_BATCH = 16
 # Waiting requests the queue holds: about 6 s of work at the ~40 answers/s that batching reaches on 2
 # cores, so a crowd of 100 waits instead of being turned away, and a flood is refused rather than left to time out.
 QUEUE_SIZE = 256
 # Uploads: deleted UPLOAD_TTL_S after they arrive (and all of them held within UPLOAD_BUDGET_MB).
-UPLOAD_TTL_S = float(os.environ.get("HAM_UPLOAD_TTL_S", 300))
-UPLOAD_BUDGET_MB = float(os.environ.get("HAM_UPLOAD_BUDGET_MB", 500))
+UPLOAD_TTL_S = 300
+UPLOAD_BUDGET_MB = 500
 # Sessions whose state Gradio keeps (its default is 10,000). Every API call is a session of its own, and
 # each kept one holds a copy of every component's config and the call's inputs, an inline image's bytes
 # included (~24 kB of objects by tracemalloc, research/memory_growth.py; ~60 kB of the server's memory), so
@@ -119,6 +124,12 @@ def describe(prediction: Prediction) -> str:
     )
 
 
+def confidences(prediction: Prediction) -> dict:
+    """The API's probabilities, as gr.Label gives them: the top class and all 7, most likely first."""
+    rows = sorted(prediction.label().items(), key=lambda kv: -kv[1])
+    return {"label": rows[0][0], "confidences": [{"label": name, "confidence": p} for name, p in rows]}
+
+
 def probability_table(prediction: Prediction) -> str:
     """All 7 probabilities, most likely first, as HTML bars with readable shares."""
     rows = sorted(prediction.probabilities.items(), key=lambda kv: -kv[1])
@@ -143,7 +154,7 @@ class Answers:
     def __init__(self, clf: Classifier):
         self.clf = clf
         self.uploads = uploads()  # what a request may read: this app's uploads, its examples, inline images
-        self.batcher = Batcher(lambda items: clf.answer([d for d, _ in items], [t for _, t in items], cam=True),
+        self.batcher = Batcher(lambda items: clf.classify([d for d, _ in items], [t for _, t in items], cam=True),
                                max_batch=MAX_BATCH)
 
     def answer(self, image, tta):
@@ -158,28 +169,32 @@ class Answers:
         except ImageError as exc:
             logger.info("refused an upload: %s", exc)  # the user's mistake: one line, no traceback
             raise gr.Error(str(exc), print_exception=False) from None
-        found = self.batcher((decoded, bool(tta)))
-        return decoded, found, self.clf.prediction(found)
+        return decoded, self.batcher((decoded, bool(tta)))
 
-    def predict(self, image, tta, show_anyway=False):
+    def predict(self, image: FileData, tta: bool = False, show_anyway: bool = False) -> tuple[dict | None, str, dict]:
         """The API: all 7 probabilities, a description and the guard's verdict (probabilities withheld if flagged)."""
-        _, _, prediction = self.answer(image, tta)
+        _, prediction = self.answer(image, tta)
         if prediction.in_distribution is False and not show_anyway:
             return None, not_a_lesion(prediction), verdict(prediction, self.clf)
-        return prediction.label(), describe(prediction), verdict(prediction, self.clf)
+        return confidences(prediction), describe(prediction), verdict(prediction, self.clf)
 
     def classify(self, image, tta, show_anyway=False):
         """The page: probabilities, description, the guard's sentence and the heat map, from one forward pass."""
-        decoded, found, prediction = self.answer(image, tta)
-        heat = overlay(view_of(self.clf, decoded), found.cam) if found.cam is not None else None
+        decoded, prediction = self.answer(image, tta)
+        heat = overlay(view_of(self.clf, decoded), prediction.cam) if prediction.cam is not None else None
         if prediction.in_distribution is False and not show_anyway:
             return "", not_a_lesion(prediction), verdict_sentence(prediction), None
         return probability_table(prediction), describe(prediction), verdict_sentence(prediction), heat
 
-    def heat_map(self, image):
-        """The API: the class activation map of the predicted class over the model's view of the image."""
-        decoded, found, _ = self.answer(image, False)
-        return overlay(view_of(self.clf, decoded), found.cam) if found.cam is not None else None
+    def heat_map(self, image: FileData) -> FileData | None:
+        """The API: the class activation map of the predicted class over the model's view of the image (a JPEG)."""
+        decoded, prediction = self.answer(image, False)
+        if prediction.cam is None:
+            return None
+        path = save_pil_to_cache(overlay(view_of(self.clf, decoded), prediction.cam), get_upload_folder(), "heat-map",
+                                 "jpeg")
+        self.uploads.keep([path])  # deleted as the uploads are: after UPLOAD_TTL_S, or beyond the budget
+        return FileData(path=path, mime_type="image/jpeg")
 
     @staticmethod
     def clear():
@@ -192,11 +207,7 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
     claim_folder()  # this process's own upload folder; what stopped processes left there is deleted
     clf = classifier or Classifier(resolve_model(model, DEFAULT_MODEL), backend=backend)
     answers = Answers(clf)
-    # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator sets
-    # GRADIO_ANALYTICS_ENABLED=True.
-    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
-    with gr.Blocks(title="HAM10000 skin-lesion classifier", analytics_enabled=analytics,
-                   delete_cache=(max(1, int(UPLOAD_TTL_S // 2)), max(1, int(UPLOAD_TTL_S)))) as demo:
+    with gr.Blocks(title="HAM10000 skin-lesion classifier", delete_cache=(UPLOAD_TTL_S // 2, UPLOAD_TTL_S)) as demo:
         gr.Markdown("# Skin-lesion classifier (HAM10000, 7 classes)")
         gr.Markdown(f"> {NOTICE}", elem_id="notice")
         with gr.Row():
@@ -223,18 +234,15 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
                 label="Examples: one HAM10000 image per class (CC BY-NC-SA 4.0, Tschandl et al. 2018)")
             answers.uploads.allow(row[0]["path"] for row in examples.dataset.samples)  # as Gradio cached them
         gr.Markdown(f"Model: `{model_name(clf.name)}` · backend {clf.backend} · input {clf.data_config.size} px")
-        # The API's endpoints, on components the page does not show.
-        api_label, api_verdict = gr.Label(num_top_classes=7, visible=False), gr.JSON(visible=False)
-        api_description, api_heat = gr.Markdown(visible=False), gr.Image(type="pil", visible=False, format="jpeg")
         image.change(answers.clear, None, [probabilities, description, guard, cam], queue=False,
                      api_visibility="private")
         button.click(answers.classify, [image, tta, show_anyway], [probabilities, description, guard, cam],
                      api_name="classify", preprocess=False)
-        gr.Button(visible=False).click(answers.predict, [image, tta, show_anyway],
-                                       [api_label, api_description, api_verdict], api_name="predict", preprocess=False)
-        gr.Button(visible=False).click(answers.heat_map, [image], [api_heat], api_name="explain", preprocess=False)
+        # The API beside the page's /classify: typed functions (Gradio reads their annotations, so this
+        # module does without `from __future__ import annotations`), given the upload dicts clients send.
+        gr.api(answers.predict, api_name="predict")
+        gr.api(answers.heat_map, api_name="explain")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
-    demo.ham_batcher = answers.batcher  # its count of forward passes, for tests and benchmarks
     return demo
 
 
@@ -245,8 +253,8 @@ def launch(demo: gr.Blocks, **options):
     guard = Middleware(UploadGuard, max_age_s=UPLOAD_TTL_S, max_total_mb=UPLOAD_BUDGET_MB)
     defaults = {"max_file_size": f"{MAX_UPLOAD_MB}mb", "app_kwargs": {"middleware": [guard]}, "css": CSS,
                 "state_session_capacity": STATE_SESSIONS,
-                # Run history keeps patients' images and answers in the browser: off unless the operator asks.
-                "run_history": os.environ.get("HAM_RUN_HISTORY", "0") == "1", "footer_links": ["api", "settings"]}
+                # Run history keeps patients' images and answers in the browser: off unless asked for.
+                "run_history": False, "footer_links": ["api", "settings"]}
     return demo.launch(**{**defaults, **options})
 
 
@@ -254,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, load the model once and serve."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Hub id or folder (default: HAM_MODEL, else the bundled model)")
-    parser.add_argument("--backend", default=os.environ.get("HAM_BACKEND", "auto"), choices=BACKENDS,
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="auto: int8 ONNX on the CPU when the model passed its fidelity check, else fp32 ONNX")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=None, help="default: GRADIO_SERVER_NAME, else 127.0.0.1 (Gradio's)")
+    parser.add_argument("--port", type=int, default=None, help="default: GRADIO_SERVER_PORT, else 7860 (Gradio's)")
+    parser.add_argument("--run_history", action="store_true",
+                        help="let the browser keep each user's images and answers (off: they may be patients')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:
         logger.error("%s", exc)
         return 2
-    launch(demo, server_name=args.host, server_port=args.port)
+    launch(demo, server_name=args.host, server_port=args.port, run_history=args.run_history)
     return 0
 
 

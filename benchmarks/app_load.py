@@ -1,6 +1,6 @@
 """Load test: concurrent clients against the app and a stock app (loopback only, bounded).
 
-    .venv/bin/python benchmarks/app_load.py --data-dir ../shared/data/ham10000 --model models/ham10000-resnet50 \
+    .venv/bin/python benchmarks/app_load.py --data-dir "$HAM10000_DIR" --model models/ham10000-resnet50 \
         [--clients 100,60] [--requests 10] [--stock-clients 60] [--clicks 30] [--client http|gradio]
 
 Starts `app.py` (as `make demo` runs it) and `benchmarks/stock_app.py` (the same model through

@@ -1,6 +1,6 @@
 """Cold start of the demo: from launching app.py to its first answer, without and with the ONNX cache.
 
-    .venv/bin/python benchmarks/cold_start.py --data-dir ../shared/data/ham10000 [--model DIR] [--runs 2]
+    .venv/bin/python benchmarks/cold_start.py --data-dir "$HAM10000_DIR" [--model DIR] [--runs 2]
 
 `make demo` on an installed .venv runs `python app.py`; this starts it the same way on a free
 loopback port with an empty HAM_HF_CACHE ("no_cache": the ONNX export, and int8 build where served,

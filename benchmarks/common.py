@@ -16,18 +16,19 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
 
 
 def model_folder(model: str | None) -> str:
-    """The model to measure: the one given, or the shared ResNet-50 with a fresh 7-class head saved once."""
+    """The model to measure: the one given, or the ImageNet ResNet-50 of RESNET50_DIR with a fresh 7-class head."""
     if model:
         return model
     from ham_hf.model import load_model
 
     folder = Path(tempfile.gettempdir()) / "ham-bench-resnet50-7"
     if not (folder / "model.safetensors").is_file():
-        load_model(str(SHARED_WEIGHTS)).save_pretrained(folder)
+        if not os.environ.get("RESNET50_DIR"):
+            raise SystemExit("pass --model DIR, or set RESNET50_DIR to a timm folder of ImageNet ResNet-50 weights")
+        load_model(os.environ["RESNET50_DIR"]).save_pretrained(folder)
     return str(folder)
 
 

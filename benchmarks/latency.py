@@ -1,6 +1,6 @@
 """Per-image CPU latency of the app's predict path beside the stock pipeline, same model and images.
 
-    .venv/bin/python benchmarks/latency.py --data-dir ../shared/data/ham10000 [--model DIR] [--n 100]
+    .venv/bin/python benchmarks/latency.py --data-dir "$HAM10000_DIR" [--model DIR] [--n 100]
 
 Each call classifies one image file from disk (decode + preprocess + forward + softmax):
 - "app (onnx fp32)" / "app (onnx int8)": `Classifier.predict` with ONNX Runtime on the CPU, the
@@ -98,7 +98,7 @@ def main() -> None:
     except Exception as exc:  # a model without int8 ranges
         logging.info("no int8 figures: %s", exc)
     if fast.guard is not None:  # what the guard adds to one prediction: colour statistics, score, probe
-        from ham_hf.serve.ood import colour_stats
+        from ham_hf.serve.guard import colour_stats
 
         decoded = [fast.decode(f) for f in files]
         outs = [fast.forward(fast.preprocess(d[None], train=False)) for d in decoded]

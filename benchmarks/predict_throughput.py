@@ -1,6 +1,6 @@
 """`ham-hf predict` throughput on real images, per backend, as the command runs it.
 
-    .venv/bin/python benchmarks/predict_throughput.py --data-dir ../shared/data/ham10000 \
+    .venv/bin/python benchmarks/predict_throughput.py --data-dir "$HAM10000_DIR" \
         [--model DIR] [--n 1000] [--backends auto,onnx-int8,onnx,torch] [--batch-size 32]
 
 For each backend: build the `Classifier` once (timed apart: "load_s"), then `predict_files` on the

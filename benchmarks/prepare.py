@@ -1,6 +1,6 @@
 """Wall time and peak RSS of `ham-hf prepare` on a HAM10000 folder (a subprocess, as a user runs it).
 
-    .venv/bin/python benchmarks/prepare.py --data-dir ../shared/data/ham10000 [--repeats 3]
+    .venv/bin/python benchmarks/prepare.py --data-dir "$HAM10000_DIR" [--repeats 3]
 """
 
 from __future__ import annotations

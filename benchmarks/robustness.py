@@ -1,6 +1,6 @@
 """Lesion images that look like other sources: does the app still answer, and answer right?
 
-    .venv/bin/python benchmarks/robustness.py --data-dir ../shared/data/ham10000 \
+    .venv/bin/python benchmarks/robustness.py --data-dir "$HAM10000_DIR" \
         --model models/ham10000-resnet50 [--n 400] [--no-field-of-view-crop]
 
 Validation images of the model's own split (`split.csv`), seeded sample, each changed the way other

@@ -1,7 +1,7 @@
 """Training throughput of the whole pipeline against the model's bare train step, in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py --data ../shared/data/ham10000 \
-        --model ../shared/weights/resnet50-imagenet --batch-size 16 --steps 6          # this CPU
+    .venv/bin/python benchmarks/train_throughput.py --data "$HAM10000_DIR" \
+        --model "$RESNET50_DIR" --batch-size 16 --steps 6          # this CPU
     python benchmarks/train_throughput.py --data ham10000 --model resnet50-imagenet \
         --batch-size 256 --steps 60                                                     # a GPU
 

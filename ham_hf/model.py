@@ -86,6 +86,13 @@ def is_fine_tuned(name_or_path: str) -> bool:
     return list(load_config(name_or_path).id2label.values()) == list(CLASS_CODES)
 
 
+def check_fine_tuned(name_or_path: str) -> None:
+    """Refuse a model that is not a HAM10000 classifier (an ImageNet backbone, say), naming the fix."""
+    if not is_fine_tuned(str(name_or_path)):
+        raise ModelError(f"{name_or_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
+                         "fine-tune it first with `ham-hf train`")
+
+
 def data_config(model) -> DataConfig:
     """Resolve the model's preprocessing (timm's eval transform: resize to size/crop_pct, centre crop)."""
     import timm.data

@@ -4,7 +4,7 @@ Each measuring step replaces the sections it measures, whole: `ham-hf train` wri
 calibration, splits, guard and int8; `ham-hf calibrate` head, calibration, splits, guard and int8
 (`--guard_only` the guard, `--int8_only` int8); `ham-hf evaluate` one entry of evaluations, or the
 split itself when it scores the model's own validation or test split again. A figure a later step
-makes stale is replaced, never kept beside the new one; the card (`ham_hf.hub.render_card`) is
+makes stale is replaced, never kept beside the new one; the card (`ham_hf.hub.card.render`) is
 rendered whole from this record each time, never appended to or read back.
 
 Sections:

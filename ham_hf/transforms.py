@@ -18,6 +18,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -147,12 +148,19 @@ def resize_square(img: Image.Image, size: int, interpolation: str) -> np.ndarray
     return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def decode_images(payloads: Sequence, size: int, interpolation: str, threads: int | None = None) -> torch.Tensor:
+def decode_square(source, data_config: DataConfig) -> np.ndarray:
+    """One image (path, bytes or PIL) as the model's eval square, HWC uint8: the one decode training,
+    evaluation, the guard's fit, the int8 gate and the app all use."""
+    source = str(source) if isinstance(source, Path) else source
+    return resize_square(load_rgb(source, reduce_to=data_config.resize), data_config.resize, data_config.interpolation)
+
+
+def decode_images(payloads: Sequence, data_config: DataConfig, threads: int | None = None) -> torch.Tensor:
     """Decode images (bytes, paths or PIL) into one uint8 tensor (N, size, size, 3), in threads."""
-    out = np.empty((len(payloads), size, size, 3), dtype=np.uint8)
+    out = np.empty((len(payloads), data_config.resize, data_config.resize, 3), dtype=np.uint8)
 
     def work(i: int) -> None:
-        out[i] = resize_square(load_rgb(payloads[i], reduce_to=size), size, interpolation)
+        out[i] = decode_square(payloads[i], data_config)
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
         list(pool.map(work, range(len(payloads))))
@@ -195,7 +203,7 @@ def cache_split(dataset, data_config: DataConfig, threads: int | None = None) ->
 
     raw = dataset.cast_column("image", datasets.Image(decode=False))
     payloads = [img["bytes"] if img["bytes"] is not None else img["path"] for img in raw["image"]]
-    images = decode_images(payloads, data_config.resize, data_config.interpolation, threads)
+    images = decode_images(payloads, data_config, threads)
     groups = raw["lesion_id"] if "lesion_id" in raw.column_names else None
     metadata = {c: raw[c] for c in REPORT_COLUMNS if c in raw.column_names}
     return CachedImages(images, raw["label"], raw["image_id"], groups, metadata)

@@ -95,7 +95,7 @@ train)
   [ -n "$best" ] || { echo "no run finished"; exit 1; }
   echo "best on validation: $best ($best_score)"
   rm -rf /tmp/bundle && python3 -m ham_hf.cli bundle --model "/tmp/runs/$best" --output_dir /tmp/bundle/ham10000-resnet50
-  tar -cf - -C /tmp/bundle . | split -b 15m - "$OUT/bundle.tar.part-"   # files of at most 16 MiB come back
+  tar -cf - -C /tmp/bundle . | split -b 15m - "$OUT/bundle.tar.part-"   # in parts, for runners that cap a file's size
   ls -la "$OUT"
   ;;
 *) echo "unknown stage $stage: pack|setup|train"; exit 2 ;;

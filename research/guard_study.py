@@ -1,7 +1,7 @@
 """Does the guard hold on sources it never saw? Leave-one-source-out through the served (int8) path.
 
     .venv/bin/python research/guard_study.py --model models/ham10000-resnet50 --data data/ham10000 \
-        --negatives "$SHARED/ood-dev,$SHARED/skin-photos" --positives "$SHARED/dermoscopy-external" \
+        --negatives "$DEV/ood-dev,$DEV/skin-photos" --positives "$DEV/dermoscopy-external" \
         [--cache /tmp/guard-study.npz] [--quantiles 0.05,0.1,0.2] [--strengths 0.1]
 
 Features, texture statistics and colour statistics are computed by `Classifier`, as the app computes
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ham_hf import data  # noqa: E402
 from ham_hf.finish import guard as guard_fit  # noqa: E402
-from ham_hf.serve import ood  # noqa: E402
+from ham_hf.serve import guard as guard_lib  # noqa: E402
 from ham_hf.serve.classifier import Classifier  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def collect(args) -> dict:
     home = dsd["train"].shuffle(seed=0).select(range(min(guard_fit.PROBE_HOME_SAMPLE, len(dsd["train"]))))
     neg_paths, categories, neg_sources = guard_fit.read_folders(guard_fit._folders(args.negatives), "category")
     pos_paths, _, pos_sources = guard_fit.read_folders(guard_fit._folders(args.positives), "dx")
-    package = [im for _, im in ood.non_dermoscopic_images()]
+    package = [im for _, im in guard_fit.non_dermoscopic_images()]
     images = ([r["image"]["bytes"] for r in home.cast_column("image", raw)] + [str(p) for p in pos_paths] + package
               + [str(p) for p in neg_paths])
     out = guard_fit.served_inputs(clf, images)
@@ -56,13 +56,13 @@ def collect(args) -> dict:
     return out
 
 
-def mahalanobis(model: str) -> ood.Guard:
+def mahalanobis(model: str) -> guard_lib.Guard:
     """The model's Mahalanobis score and threshold, whatever version its guard file is."""
     from safetensors import safe_open
 
-    with safe_open(str(ood.guard_path(model)), "np") as fh:
+    with safe_open(str(guard_lib.guard_path(model)), "np") as fh:
         meta, arrays = fh.metadata(), {k: fh.get_tensor(k) for k in ("mean", "components", "centres", "precision")}
-    return ood.Guard(**arrays, threshold=float(meta["threshold"]))
+    return guard_lib.Guard(**arrays, threshold=float(meta["threshold"]))
 
 
 def main() -> None:
@@ -72,8 +72,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--negatives", required=True, help="comma-separated folders of non-dermoscopic images")
     p.add_argument("--positives", required=True, help="comma-separated folders of other sources' dermoscopy")
-    p.add_argument("--quantiles", default=str(ood.PROBE_QUANTILE), help="comma list of PROBE_QUANTILE values")
-    p.add_argument("--strengths", default=str(ood.PROBE_C), help="comma list of PROBE_C values")
+    p.add_argument("--quantiles", default=str(guard_fit.PROBE_QUANTILE), help="comma list of PROBE_QUANTILE values")
+    p.add_argument("--strengths", default=str(guard_fit.PROBE_C), help="comma list of PROBE_C values")
     p.add_argument("--cache", default=None)
     args = p.parse_args()
     d = collect(args)
@@ -84,8 +84,8 @@ def main() -> None:
     for strength in map(float, args.strengths.split(",")):
         for quantile in map(float, args.quantiles.split(",")):
             figures = guard_fit.by_source(guard, rows, val, strength=strength, quantile=quantile)
-            guard.probe = ood.Probe.fit(rows["texture"], rows["colours"], rows["kinds"], rows["sources"], *val[1:],
-                                        strength=strength, quantile=quantile, home=guard_fit.HOME)
+            guard.probe = guard_fit.fit_probe(rows["texture"], rows["colours"], rows["kinds"], rows["sources"],
+                                              *val[1:], strength=strength, quantile=quantile, home=guard_fit.HOME)
             kept = float(guard.judge(val[0], val[2], texture=val[1])[0].mean())
             s = guard_fit.summary(figures, kept)
             cells = [f"{label} worst {s[f'ood_loso_{key}_worst']:.1%} mean {s[f'ood_loso_{key}_mean']:.1%}"

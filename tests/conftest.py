@@ -19,7 +19,8 @@ from PIL import Image
 from ham_hf.labels import CLASS_CODES
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
+# The offline ImageNet ResNet-50 (a timm folder), named by RESNET50_DIR: the tests that need it skip without it.
+RESNET50_DIR = Path(os.environ["RESNET50_DIR"]).resolve() if os.environ.get("RESNET50_DIR") else None
 
 # Per class: how many lesions, and images per lesion cycle through 1, 2, 3.
 LESIONS_PER_CLASS = {"akiec": 4, "bcc": 4, "bkl": 5, "df": 4, "mel": 5, "nv": 8, "vasc": 4}
@@ -97,13 +98,13 @@ def _beside_ham(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ood_dev_dir() -> Path:
-    """Real non-dermoscopic images by category (../shared/data/ood-dev)."""
+    """Real non-dermoscopic images by category (an ood-dev folder beside HAM10000_DIR)."""
     return _beside_ham("ood-dev")
 
 
 @pytest.fixture(scope="session")
 def external_dir() -> Path:
-    """Dermoscopic images from other sources, with diagnoses (../shared/data/dermoscopy-external)."""
+    """Dermoscopic images from other sources, with diagnoses (a dermoscopy-external folder beside HAM10000_DIR)."""
     return _beside_ham("dermoscopy-external")
 
 
@@ -171,6 +172,14 @@ def bundled_model() -> Path:
     if not (BUNDLED_MODEL / "model.safetensors").is_file():
         pytest.skip("no bundled default model in models/ham10000-resnet50")
     return BUNDLED_MODEL
+
+
+@pytest.fixture(scope="session")
+def resnet50_dir() -> Path:
+    """The offline ImageNet ResNet-50 folder named by RESNET50_DIR (tests using it skip without it)."""
+    if RESNET50_DIR is None or not (RESNET50_DIR / "model.safetensors").is_file():
+        pytest.skip("RESNET50_DIR is not set to a timm folder of ImageNet ResNet-50 weights")
+    return RESNET50_DIR
 
 
 @pytest.fixture(scope="session")

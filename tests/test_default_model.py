@@ -92,7 +92,7 @@ def test_the_guard_flags_package_photos_charts_and_greyscale_and_says_what_they_
     """What a public Space receives: a photo, a chart and a greyscale scan, each flagged with its kind."""
     from PIL import Image
 
-    from ham_hf.serve.ood import generated_images, non_dermoscopic_images
+    from ham_hf.finish.guard import generated_images, non_dermoscopic_images
 
     samples = dict(non_dermoscopic_images())
     photo, grey = samples["skimage-astronaut"], samples["skimage-camera"].convert("RGB")
@@ -113,7 +113,7 @@ def test_the_guard_holds_on_every_source_it_never_saw(guarded, real_ham_dir, ood
     """
     from ham_hf import data
     from ham_hf.finish import guard as fit
-    from ham_hf.serve import ood
+    from ham_hf.serve import guard as guard_lib
 
     skin = ood_dev_dir.parent / "skin-photos"
     if not (skin / "metadata.csv").is_file():
@@ -131,7 +131,7 @@ def test_the_guard_holds_on_every_source_it_never_saw(guarded, real_ham_dir, ood
 
     neg_paths, categories, neg_sources = fit.read_folders([ood_dev_dir, skin], "category")
     pos_paths, _, pos_sources = fit.read_folders([external_dir], "dx")
-    package = [im for _, im in ood.non_dermoscopic_images()]
+    package = [im for _, im in fit.non_dermoscopic_images()]
     home = ham("train", fit.PROBE_HOME_SAMPLE)
     rows = fit.served_inputs(guarded, home + [str(p) for p in pos_paths] + package + [str(p) for p in neg_paths])
     rows["kinds"] = (["dermoscopic"] * (len(home) + len(pos_paths)) + ["other"] * len(package)
@@ -139,9 +139,9 @@ def test_the_guard_holds_on_every_source_it_never_saw(guarded, real_ham_dir, ood
     rows["sources"] = [fit.HOME] * len(home) + pos_sources + [fit.GENERATED] * len(package) + neg_sources
     val = fit.served_inputs(guarded, ham("validation"))
     saved = guarded.guard
-    scorer = ood.Guard(saved.mean, saved.components, saved.centres, saved.precision, saved.threshold)
+    scorer = guard_lib.Guard(saved.mean, saved.components, saved.centres, saved.precision, saved.threshold)
     figures = fit.by_source(scorer, rows, (val["features"], val["texture"], val["colours"]))
-    scorer.probe = ood.Probe.fit(rows["texture"], rows["colours"], rows["kinds"], rows["sources"], val["texture"],
+    scorer.probe = fit.fit_probe(rows["texture"], rows["colours"], rows["kinds"], rows["sources"], val["texture"],
                                  val["colours"], home=fit.HOME)
     kept = scorer.judge(val["features"], val["colours"], texture=val["texture"])[0].mean()
     shares = {k: {n: v["share"] for n, v in figures.items() if v["kind"] in kinds}

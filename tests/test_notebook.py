@@ -21,14 +21,11 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_executes_top_to_bottom(real_ham_dir, tmp_path, monkeypatch):
+def test_notebook_executes_top_to_bottom(real_ham_dir, resnet50_dir, tmp_path, monkeypatch):
+    """With the offline backbone (else the notebook would fetch timm/resnet50.a1_in1k)."""
     from nbclient import NotebookClient
 
-    from conftest import SHARED_WEIGHTS
-
-    if not (SHARED_WEIGHTS / "model.safetensors").is_file():
-        pytest.skip(f"the offline backbone {SHARED_WEIGHTS} is absent (the notebook would fetch timm/resnet50.a1_in1k)")
-    monkeypatch.setenv("HAM_NOTEBOOK_BACKBONE", str(SHARED_WEIGHTS))
+    monkeypatch.setenv("HAM_NOTEBOOK_BACKBONE", str(resnet50_dir))
     monkeypatch.setenv("HAM10000_DIR", str(real_ham_dir.resolve()))
     monkeypatch.setenv("HAM_NOTEBOOK_WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("HAM_NOTEBOOK_IMAGE_SIZE", "64")

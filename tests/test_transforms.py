@@ -31,7 +31,7 @@ def test_eval_path_equals_the_pipeline_image_processor(tiny_model, tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
     processor = AutoImageProcessor.from_pretrained(str(tiny_model))
     expected = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
-    ours = Preprocess(dc)(decode_images(paths, dc.resize, dc.interpolation), train=False)
+    ours = Preprocess(dc)(decode_images(paths, dc), train=False)
     assert ours.shape == expected.shape == (4, 3, dc.size, dc.size)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 

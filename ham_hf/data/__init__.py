@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ham_hf.data.readers import (  # noqa: F401 (the data stage's public names)
@@ -59,6 +60,19 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise DataError(f"output folder {output} is not empty; pass --overwrite to replace it")
 
 
+@dataclass
+class PrepareArguments:
+    """Options of `ham-hf prepare`."""
+
+    data: str = field(metadata={"help": "Raw source: HAM10000 / ISIC 2018 / class-folder tree, or a Hub id.",
+                                "aliases": ["--data_dir", "--data-dir"]})
+    output_dir: str = field(metadata={"help": "Folder to save the DatasetDict in (save_to_disk).",
+                                      "aliases": ["--output"]})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output folder."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Also push to this Hub dataset repo id."})
+    private: bool = field(default=False, metadata={"help": "Make the pushed dataset private."})
+
+
 def prepare(source: str | Path, output: str | Path, split_args: SplitArguments | None = None, overwrite: bool = False):
     """Read, check, split and save a source; write split.csv and duplicates.json; return the DatasetDict.
 
@@ -88,6 +102,8 @@ def prepare(source: str | Path, output: str | Path, split_args: SplitArguments |
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("saved %s to %s", {k: len(v) for k, v in dsd.items()}, output)
+    for name, per_class in class_counts(dsd).items():
+        logger.info("%s: %d images %s", name, sum(per_class.values()), per_class)
     return dsd
 
 

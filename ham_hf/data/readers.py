@@ -1,5 +1,5 @@
 """Readers: the Kaggle HAM10000 layout, ISIC 2018 Task 3, a class-per-folder tree and a Hub
-dataset id, each read onto the one schema (`ham_hf.schema`); `read_source` detects which.
+dataset id, each read onto the one schema (`ham_hf.data.schema`); `read_source` detects which.
 
 Images are kept as bytes (decoded only when used) and each is checked with the decoders' own rule
 (`ham_hf.images`), in threads, so a broken or oversized file stops reading with its name.

@@ -5,7 +5,7 @@
 The head's weight and bias are divided by T, so `pipeline("image-classification")`, the app, ONNX
 and `ham-hf predict` all give calibrated probabilities with no custom code, and the argmax never
 moves (T > 0 rescales every logit of an image alike). The same command (re)fits the model's
-out-of-distribution guard (`ham_hf.ood`) on the training split.
+out-of-distribution guard (`ham_hf.finish.guard`) on the training split.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,13 @@ import torch
 
 from ham_hf import data, head, metrics, precision, results
 from ham_hf import model as model_lib
-from ham_hf.errors import DataError, ModelError
+from ham_hf.errors import DataError, ModelError, UserError
 from ham_hf.finish import report
 from ham_hf.finish.evaluation import embed
+from ham_hf.finish.guard import evaluate_guard, fit_guard
 from ham_hf.finish.int8 import fit_int8
 from ham_hf.labels import CLASS_CODES
-from ham_hf.serve import ood
+from ham_hf.serve import guard as guard_lib
 from ham_hf.transforms import CachedImages, cache_split
 
 logger = logging.getLogger(__name__)
@@ -172,11 +174,11 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
     guard, figures = refit_guard(model, data_config, cached, val_features, bf16, train_sample, seed,
                                  guard_negatives, guard_positives, val_texture)
     if write:
-        guard.save(output_dir / ood.GUARD_FILE)
+        guard.save(output_dir / guard_lib.GUARD_FILE)
         fidelity = fit_int8(model, data_config, cached, output_dir, guard) if int8 else {}
         if fidelity:
             sections["int8"] = fidelity
-    sections["guard"] = {**figures, **guard.evaluate(_features_of(model, data_config, bf16), data_config,
+    sections["guard"] = {**figures, **evaluate_guard(guard, _features_of(model, data_config, bf16), data_config,
                                                      val_features, output_dir if write else None,
                                                      colours_of=_colours)}
     return sections
@@ -189,17 +191,13 @@ def _features_of(model, data_config, bf16: bool):
 
 def _colours(images) -> np.ndarray:
     """Colour statistics of decoded uint8 images (the guard's probe reads them)."""
-    from ham_hf.finish.guard import colours
-
-    return colours(images.images if isinstance(images, CachedImages) else images)
+    return guard_lib.colour_stats((images.images if isinstance(images, CachedImages) else images).numpy())
 
 
 def refit_guard(model, data_config, cached: dict[str, CachedImages], val_features: np.ndarray, bf16: bool,
                 train_sample: int = 3000, seed: int = 0, negatives: str | None = None,
-                positives: str | None = None, val_texture: np.ndarray | None = None) -> tuple[ood.Guard, dict]:
+                positives: str | None = None, val_texture: np.ndarray | None = None) -> tuple[guard_lib.Guard, dict]:
     """Fit the guard on (a seeded sample of) train: features do not change with calibration."""
-    from ham_hf.finish.guard import fit_guard
-
     train = cached["train"]
     if len(train) > train_sample:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_sample]
@@ -233,6 +231,44 @@ def retune_logit_adjustment(model, data_config, cached: dict[str, CachedImages],
     return chosen, 1.0
 
 
+@dataclass
+class CalibrateArguments:
+    """Options of `ham-hf calibrate`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train (or bundled)."})
+    data: str = field(metadata={"help": "The data it was trained on: prepared folder, raw folder or Hub dataset id."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Write the calibrated folder here (default: in place).", "aliases": ["--output"]})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
+                                                              "the CPU runs it natively)."})
+    int8_only: bool = field(default=False, metadata={
+        "help": "Refit only the int8 ranges and fidelity record; weights, temperature and guard stay."})
+    retune_logit_adjustment: bool = field(default=False, metadata={
+        "help": "For a model trained with logit adjustment: choose its tau again on validation (0, 0.25, ..., 1: "
+                "the best balanced accuracy among the taus calibrated to --logit_adjustment_max_ece) before "
+                "calibrating, and refold the head."})
+    logit_adjustment_max_ece: float | None = field(default=None, metadata={
+        "help": "With --retune_logit_adjustment: the calibrated validation ECE a tau must meet (default: the "
+                "calibration goal, 0.05; 1: no condition)."})
+    guard_negatives: str | None = field(default=None, metadata={
+        "help": "Real non-dermoscopic images for the guard's kind probe: folders (comma-separated) with a "
+                "metadata.csv of file,category (everyday, skin_clinical, document, medical) and where each image "
+                "came from (source, source_dataset or source_repo). Figures are leave-one-source-out."})
+    guard_positives: str | None = field(default=None, metadata={
+        "help": "Dermoscopic images from other sources for the kind probe: folders (comma-separated) with a "
+                "metadata.csv of file,dx (and a source column, else the file name's prefix names the source)."})
+    guard_only: bool = field(default=False, metadata={
+        "help": "Refit only the out-of-distribution guard; weights, temperature, reports and int8 stay."})
+
+    def __post_init__(self):
+        if self.logit_adjustment_max_ece is not None and not 0 < self.logit_adjustment_max_ece <= 1:
+            raise UserError(f"--logit_adjustment_max_ece must be in (0, 1] (got {self.logit_adjustment_max_ece})")
+        if (self.int8_only or self.guard_only) and self.retune_logit_adjustment:
+            raise UserError("--int8_only and --guard_only keep the weights: drop --retune_logit_adjustment")
+        if self.int8_only and self.guard_only:
+            raise UserError("--int8_only and --guard_only each refit one part: pass one of them")
+
+
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
               bf16: bool | None = None, int8_only: bool = False, retune_tau: bool = False,
               max_ece: float | None = None, cached: dict[str, CachedImages] | None = None,
@@ -248,9 +284,7 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
     from ham_hf.hub import card
     from ham_hf.serve import export
 
-    if not model_lib.is_fine_tuned(model_path):
-        raise ModelError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
-                         "fine-tune it first with `ham-hf train`")
+    model_lib.check_fine_tuned(model_path)
     src = Path(model_path)
     if not src.is_dir():
         raise ModelError(f"{model_path} is not a local model folder; download it first (huggingface-cli download)")
@@ -271,11 +305,12 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             val_features, _, val_texture = embed(model, cached["validation"], dc, bf16=bf16, texture=True)
             guard, figures = refit_guard(model, dc, cached, val_features, bf16, negatives=guard_negatives,
                                          positives=guard_positives, val_texture=val_texture)
-            guard.save(stage / ood.GUARD_FILE)
-            sections = {"guard": {**figures, **guard.evaluate(_features_of(model, dc, bf16), dc, val_features, stage,
-                                                              colours_of=_colours)}}
+            guard.save(stage / guard_lib.GUARD_FILE)
+            report_figures = evaluate_guard(guard, _features_of(model, dc, bf16), dc, val_features, stage,
+                                            colours_of=_colours)
+            sections = {"guard": {**figures, **report_figures}}
         elif int8_only:
-            guard = ood.Guard.load(src / ood.GUARD_FILE) if (src / ood.GUARD_FILE).is_file() else None
+            guard = guard_lib.Guard.load(src / guard_lib.GUARD_FILE) if (src / guard_lib.GUARD_FILE).is_file() else None
             figures = fit_int8(model, dc, cached, stage, guard)
             sections = {"int8": figures} if figures else {}  # int8 not measurable here: the record stays
         else:
@@ -299,3 +334,10 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
         stage.rename(target)
     logger.info("calibrated model and guard in %s", target)
     return sections
+
+
+def run(args: CalibrateArguments, split_args: data.SplitArguments) -> dict:
+    """`ham-hf calibrate` with its parsed options."""
+    return calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only,
+                     args.retune_logit_adjustment, args.logit_adjustment_max_ece, guard_only=args.guard_only,
+                     guard_negatives=args.guard_negatives, guard_positives=args.guard_positives)

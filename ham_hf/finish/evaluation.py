@@ -11,6 +11,7 @@ bootstrap intervals, confusion matrix, reliability diagram, per-class table, pre
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,8 @@ import torch
 
 from ham_hf import data, metrics, precision, results
 from ham_hf import model as model_lib
-from ham_hf.errors import ModelError
 from ham_hf.finish import report
 from ham_hf.hub import card
-from ham_hf.labels import CLASS_CODES
 from ham_hf.transforms import TTA_VIEWS, CachedImages, Preprocess, cache_split, tta_views
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,26 @@ def embed(model, images: CachedImages | torch.Tensor, data_config: model_lib.Dat
     return (*outs, torch.cat(textures).numpy()) if texture else outs
 
 
+@dataclass
+class EvaluateArguments:
+    """Options of `ham-hf evaluate`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id to score."})
+    data: str = field(metadata={"help": "Prepared dataset folder, raw folder or Hub dataset id."})
+    split: str = field(default="test", metadata={"help": "Split to score: train, validation, test or all."})
+    output_dir: str | None = field(default=None, metadata={"help": "Report folder (default: MODEL/eval-SPLIT).",
+                                                           "aliases": ["--output"]})
+    batch_size: int = field(default=128, metadata={"help": "Images per forward pass."})
+    tta: bool = field(default=False, metadata={"help": "Average the probabilities over the 8 flip / rotation views, "
+                                                       "as the app's test-time augmentation does."})
+    record: bool = field(default=True, metadata={
+        "help": "For a local model folder: put the figures in its results record and render its card again (the "
+                "model's own validation or test split replaces that split's figures; other data is an entry named "
+                "--source_name)."})
+    source_name: str | None = field(default=None, metadata={"help": "How the record and card name the data "
+                                                                     "(default: the data folder's name)."})
+
+
 def evaluate_model(model_path: str, source: str, split: str = "test", output: str | None = None,
                    split_args: data.SplitArguments | None = None, batch_size: int = 128,
                    bf16: bool | None = None, tta: bool = False, record: bool = True,
@@ -69,9 +88,7 @@ def evaluate_model(model_path: str, source: str, split: str = "test", output: st
     """
     import datasets
 
-    if not model_lib.is_fine_tuned(model_path):
-        raise ModelError(f"{model_path} is not a HAM10000 classifier (its labels are not {', '.join(CLASS_CODES)}); "
-                         "fine-tune it first with `ham-hf train`")
+    model_lib.check_fine_tuned(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_lib.load_model(model_path).float().eval().to(device).to(memory_format=torch.channels_last)
     dc = model_lib.data_config(model)
@@ -133,12 +150,18 @@ def evaluation_entry(source: str, split: str, tta: bool, result: dict, kept: flo
 def guard_kept(model_path: str, features: np.ndarray, texture: np.ndarray, cached: CachedImages) -> float | None:
     """The share of the scored images the model's out-of-distribution guard keeps, its probe included (None
     without a guard)."""
-    from ham_hf.serve import ood
+    from ham_hf.serve import guard as guard_lib
 
-    path = ood.guard_path(model_path)
+    path = guard_lib.guard_path(model_path)
     if not path.is_file():
         return None
-    colours = np.stack([ood.colour_stats(im.numpy()) for im in cached.images])
-    kept = ood.Guard.load(path).judge(features, colours, texture=texture)[0]
+    colours = guard_lib.colour_stats(cached.images.numpy())
+    kept = guard_lib.Guard.load(path).judge(features, colours, texture=texture)[0]
     logger.info("the guard keeps %d of %d images (%.1f%%)", kept.sum(), len(kept), 100 * kept.mean())
     return float(kept.mean())
+
+
+def run(args: EvaluateArguments, split_args: data.SplitArguments) -> dict:
+    """`ham-hf evaluate` with its parsed options."""
+    return evaluate_model(args.model, args.data, args.split, args.output_dir, split_args, args.batch_size,
+                          tta=args.tta, record=args.record, source_name=args.source_name)

@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from ham_hf import metrics
-from ham_hf.serve import export, ood
-from ham_hf.transforms import CachedImages, Preprocess, load_rgb, resize_square
+from ham_hf.finish.guard import non_dermoscopic_images
+from ham_hf.serve import export
+from ham_hf.serve import guard as guard_lib
+from ham_hf.transforms import CachedImages, Preprocess, decode_images
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def _float_batches(images: torch.Tensor, data_config, batch_size: int = 32) -> l
             for i in range(0, len(images), batch_size)]
 
 
-def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Path, guard: ood.Guard | None,
+def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Path, guard: guard_lib.Guard | None,
              n_calibration: int = 300, seed: int = 0) -> dict:
     """Measure int8 activation ranges on training images and gate int8 against fp32 on validation.
 
@@ -66,9 +68,8 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
             return {}
         val = _float_batches(cached["validation"].images, data_config)
         (z32, f32), (z8, f8) = _onnx_outputs(fp32, val), _onnx_outputs(int8, val)
-        odd = [torch.from_numpy(resize_square(load_rgb(im), data_config.resize, data_config.interpolation))
-               for _, im in ood.non_dermoscopic_images()]
-        odd_batches = _float_batches(torch.stack(odd), data_config)
+        odd = decode_images([im for _, im in non_dermoscopic_images()], data_config)
+        odd_batches = _float_batches(odd, data_config)
         (_, o32), (_, o8) = _onnx_outputs(fp32, odd_batches), _onnx_outputs(int8, odd_batches)
     p32, p8 = metrics.softmax(z32), metrics.softmax(z8)
     y = cached["validation"].labels.numpy()

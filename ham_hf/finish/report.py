@@ -19,22 +19,22 @@ logger = logging.getLogger(__name__)
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], path: str | Path, title: str = "Confusion matrix") -> Path:
-    """Save a confusion-matrix heat map: colour is the row share (recall), text the count."""
+    """Save a confusion-matrix heat map (scikit-learn's display): colour is the row share (recall), text the count."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig = figure(figsize=(6.5, 5.5))
     ax = fig.subplots()
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(CLASS_CODES)), CLASS_CODES)
-    ax.set_yticks(range(len(CLASS_CODES)), CLASS_CODES)
+    shown = ConfusionMatrixDisplay(share, display_labels=list(CLASS_CODES)).plot(
+        ax=ax, cmap="Blues", im_kw={"vmin": 0, "vmax": 1}, colorbar=False, text_kw={"fontsize": 7})
+    for (i, j), text in np.ndenumerate(shown.text_):  # the count beside the share; white on the darker half
+        text.set_text(f"{cm[i, j]}\n{share[i, j]:.0%}")
+        text.set_color("white" if share[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=7,
-                    color="white" if share[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, label="share of the true class")
+    fig.colorbar(shown.im_, ax=ax, label="share of the true class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)

@@ -5,7 +5,9 @@ The token comes from `HF_TOKEN` or the saved `huggingface-cli login`; it is neve
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ham_hf.defaults import REPO_ROOT
@@ -57,6 +59,15 @@ def dataset_card(counts: dict[str, dict[str, int]], split_description: str, dupl
         counts_table=_counts_table(counts), duplicates=dup_text, citation=CITATION)
 
 
+def push_prepared(dsd, folder: str | Path, split_args, repo_id: str, private: bool = False) -> str:
+    """Push a prepared DatasetDict (its folder written by `ham_hf.data.prepare`) with its dataset card."""
+    from ham_hf import data
+
+    duplicates = json.loads((Path(folder) / data.DUPLICATES_FILE).read_text())
+    card = dataset_card(data.class_counts(dsd), split_args.describe(), duplicates)
+    return push_dataset(dsd, repo_id, card, private=private)
+
+
 def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | None = None) -> str:
     """Push a DatasetDict and its card to the Hub; return the repo URL."""
     from huggingface_hub import HfApi
@@ -71,7 +82,7 @@ def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | No
 
 # ----------------------------------------------------------------------------- models
 
-SOUP_FILE = "soup.csv"  # a model soup's steps (ham_hf.soup): which runs it averages, and why
+SOUP_FILE = "soup.csv"  # a model soup's steps (ham_hf.train.soup): which runs it averages, and why
 RECIPE_FILE = "recipe.json"  # the options a model was trained with: `ham-hf train DIR/recipe.json` retrains it
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "split.csv", RECIPE_FILE,
                "training_curves.png", "ood_guard.safetensors", "ood_images.json", "int8_ranges.json", SOUP_FILE)
@@ -87,13 +98,19 @@ def model_files(model_dir: str | Path) -> list[str]:
     return sorted(names)
 
 
+@dataclass
+class PushArguments:
+    """Options of `ham-hf push`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train."})
+    repo_id: str = field(metadata={"help": "Hub model repo, ORG/NAME."})
+    private: bool = field(default=False, metadata={"help": "Create the repo private."})
+
+
 def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create the model repo and upload the model folder's Hub files, with example images the card's
-    widget shows; return the repo URL. `repo_id` without ORG/ goes to the token's own namespace."""
-    import shutil
-    import tempfile
-
-    from huggingface_hub import HfApi
+    widget shows, in one commit; return the repo URL. `repo_id` without ORG/ goes to the token's own namespace."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     from ham_hf import results
     from ham_hf.hub import card
@@ -106,24 +123,22 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token
     api = HfApi(token=token)  # token None: HF_TOKEN or the saved login; never logged
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     repo_id = getattr(url, "repo_id", None) or repo_id  # the namespace the Hub filled in
-    with tempfile.TemporaryDirectory() as tmp:
-        stage = Path(tmp)
-        files = model_files(root)
-        for name in files:
-            shutil.copy2(root / name, stage / name)
-        if not (root / results.FILE).is_file():  # a folder of an earlier version: its record, converted
-            results.write(stage / results.FILE, results.load(root))
-        examples = sorted(EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
-        if examples:
-            (stage / "examples").mkdir()
-            for path in examples:
-                shutil.copy2(path, stage / "examples" / path.name)
-        # The card, rendered again from the record with the widget pointing at this repo's examples.
-        card.render(root, widget=widget(repo_id, [p.name for p in examples]) if examples else None,
-                    output=stage / "README.md")
-        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
-                          commit_message="Upload HAM10000 classifier")
-    logger.info("pushed %d files and %d example images to %s", len(files), len(examples), url)
+    files = [n for n in model_files(root) if n != card.CARD_FILE]
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
+    # One commit of files from two folders and two generated ones (no staging copy): the card, rendered
+    # from the record with the widget pointing at this repo's examples, and a converted record for a
+    # folder written before results.json.
+    record = results.load(root)
+    generated = {card.CARD_FILE: str(card.card(record, widget(repo_id, [p.name for p in examples]) if examples
+                                               else None))}
+    if not (root / results.FILE).is_file():
+        generated[results.FILE] = json.dumps(record, indent=2) + "\n"
+    operations = ([CommitOperationAdd(name, str(root / name)) for name in files]
+                  + [CommitOperationAdd(f"examples/{p.name}", str(p)) for p in examples]
+                  + [CommitOperationAdd(name, text.encode()) for name, text in generated.items()])
+    api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                      commit_message="Upload HAM10000 classifier")
+    logger.info("pushed %d files and %d example images to %s", len(files) + len(generated), len(examples), url)
     return str(url)
 
 

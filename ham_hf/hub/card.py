@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ham_hf import results
+from ham_hf.errors import UserError
 from ham_hf.labels import CLASS_CODES, LONG_NAMES
 from ham_hf.repo_ids import is_hub_id
 
@@ -27,6 +29,21 @@ CI_ROWS = (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"),
            ("mel_sensitivity_at_specificity_80", "Melanoma sensitivity at 80% specificity"),
            ("mel_sensitivity_at_specificity_90", "Melanoma sensitivity at 90% specificity"))
 NOT_YET = "_Not measured yet: {step}._"
+
+
+@dataclass
+class CardArguments:
+    """Options of `ham-hf card`."""
+
+    model: str = field(metadata={"help": "Local model folder whose card (README.md) to render from its record."})
+
+
+def run(args: CardArguments) -> Path:
+    """`ham-hf card`: write the folder's record (converting an earlier folder's files) and render its card."""
+    if not (Path(args.model) / "config.json").is_file():
+        raise UserError(f"{args.model} is not a local model folder (no config.json)")
+    results.update(args.model)  # writes results.json, even unchanged
+    return render(args.model)
 
 
 def render(folder: str | Path, widget: list[dict] | None = None, output: str | Path | None = None) -> Path:

@@ -118,9 +118,7 @@ def _check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise ModelError(f"{folder} is not a model folder (config.json + model.safetensors); train one with "
                          "`ham-hf train` or pass a Hub model id")
-    if not model_lib.is_fine_tuned(str(folder)):
-        raise ModelError(f"{folder} is not a HAM10000 classifier (its labels are not the 7 classes); "
-                         "fine-tune it with `ham-hf train` first")
+    model_lib.check_fine_tuned(folder)
 
 
 def deploy(args: DeployArguments, token: str | None = None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
@@ -26,7 +26,7 @@ from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
 from ham_hf.metrics import softmax
 from ham_hf.repo_ids import is_hub_id
-from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, load_rgb, resize_square, tta_views
+from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, decode_square, load_rgb, tta_views
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ class Prediction:
     probabilities: dict[str, float]  # class code -> probability, all 7
     ood_score: float | None = None  # higher = less like the training images; None without a guard
     in_distribution: bool | None = None  # the guard's verdict; None without a guard
-    ood_kind: str | None = None  # when flagged, what it seems to be (ham_hf.serve.ood.KINDS, "greyscale")
+    ood_kind: str | None = None  # when flagged, what it seems to be (ham_hf.serve.guard.KINDS, "greyscale")
+    # The class activation map of the top class in [0, 1], at the feature map's size (when asked for).
+    cam: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def top(self) -> str:
@@ -61,17 +63,6 @@ class Prediction:
     def label(self) -> dict[str, float]:
         """Long names with codes -> probability, as gr.Label takes it."""
         return {display_name(c): p for c, p in self.probabilities.items()}
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What one forward pass says of one image: its 7 probabilities, the guard's score, the heat map."""
-
-    probs: np.ndarray
-    ood_score: float | None = None
-    cam: np.ndarray | None = None  # class activation map of the top class, in [0, 1] at the feature map's size
-    in_distribution: bool | None = None
-    ood_kind: str | None = None
 
 
 class Outputs(NamedTuple):
@@ -114,15 +105,19 @@ def resolve_model(explicit: str | None, default_dir: str | Path | None) -> str:
 
 
 class Classifier:
-    """A HAM10000 classifier loaded once from a Hub id or a local folder."""
+    """A HAM10000 classifier loaded once from a Hub id or a local folder.
+
+    Its surface: `predict` (images to one Prediction each) and `predict_proba` (the same as an array);
+    for a server that batches requests itself, `decode` (one upload to the model's uint8 square) and
+    `classify` (decoded images to Predictions, with heat maps, in one forward pass); `forward` (a
+    preprocessed batch to logits, features and texture statistics) for the guard's fit and the heat map.
+    """
 
     def __init__(self, name_or_path: str, backend: str = "auto", device: str | None = None):
         if not Path(name_or_path).exists() and not is_hub_id(name_or_path):
             raise ModelError(f"no model at {name_or_path!r}: give a folder written by `ham-hf train` (or bundled), "
                              "or the Hub id of one, such as ORG/ham10000-resnet50")
-        if not model_lib.is_fine_tuned(name_or_path):
-            raise ModelError(f"{name_or_path} is not a HAM10000 classifier (its labels are not "
-                             f"{', '.join(CLASS_CODES)}); fine-tune it with `ham-hf train` first")
+        model_lib.check_fine_tuned(name_or_path)
         from transformers import TimmWrapperForImageClassification
 
         self.name = name_or_path
@@ -144,15 +139,15 @@ class Classifier:
 
     def _load_guard(self, name_or_path: str):
         """The model's OOD guard (a local file, or from the Hub repo), or None when it has none."""
-        from ham_hf.serve import ood
+        from ham_hf.serve import guard as guard_lib
 
         try:
-            path = self._model_file(ood.GUARD_FILE)
+            path = self._model_file(guard_lib.GUARD_FILE)
         except Exception:  # no guard in the repo (or offline): predictions carry no verdict
             return None
         if not path.is_file():
             return None
-        guard = ood.Guard.load(path)
+        guard = guard_lib.Guard.load(path)
         width = model_lib.head(self.model).in_features
         if guard.feature_size != width:
             raise ModelError(f"the OOD guard in {name_or_path} reads {guard.feature_size} features but the model "
@@ -224,11 +219,7 @@ class Classifier:
     def decode(self, image) -> torch.Tensor:
         """One image (path, bytes or PIL) as the model's uint8 HWC square at its eval resize (bounded, checked)."""
         dc = self.data_config
-        return torch.from_numpy(resize_square(load_rgb(image, dc.resize), dc.resize, dc.interpolation))
-
-    def images_to_tensor(self, images: Sequence) -> torch.Tensor:
-        """Decode and preprocess images (paths, bytes or PIL) into a normalised batch on the device."""
-        return self.preprocess(torch.stack(self._decode_all(images)).to(self.device), train=False)
+        return torch.from_numpy(decode_square(image, dc))
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> Outputs:
@@ -241,34 +232,25 @@ class Classifier:
         return Outputs(logits.double().cpu().numpy(), features.float().cpu().numpy(), texture.float().cpu().numpy(),
                        fmap.float().cpu().numpy() if feature_map else None)
 
-    def logits(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """Run the model on a preprocessed batch; return float64 logits."""
-        return self.forward(pixel_values).logits
-
-    def predict_proba_and_ood(self, images: Sequence, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, 7) probabilities (with tta, averaged over the 8 flip / 90-degree views) and OOD scores (or None)."""
-        answers = self.answer(self._decode_all(images), tta=tta)
-        probs = np.stack([a.probs for a in answers])
-        return probs, (None if self.guard is None else np.array([a.ood_score for a in answers]))
+    def predict(self, images: Sequence, tta: bool = False) -> list[Prediction]:
+        """One Prediction per image (paths, bytes or PIL), with the guard's score, verdict and kind where the model
+        has a guard; with tta, the probabilities are averaged over the 8 flip / 90-degree views."""
+        return self.classify(self._decode_all(images), tta=tta)
 
     def predict_proba(self, images: Sequence, tta: bool = False) -> np.ndarray:
-        """Return (N, 7) probabilities; with tta, averaged over the 8 flip / 90-degree views."""
-        return self.predict_proba_and_ood(images, tta)[0]
-
-    def predict(self, images: Sequence, tta: bool = False) -> list[Prediction]:
-        """Return one Prediction per image (with the guard's score, verdict and kind when the model has a guard)."""
-        return [self.prediction(a) for a in self.answer(self._decode_all(images), tta=tta)]
+        """(N, 7) probabilities in CLASS_CODES order: `predict` as an array."""
+        return np.array([[p.probabilities[c] for c in CLASS_CODES] for p in self.predict(images, tta)])
 
     def _decode_all(self, images: Sequence) -> list[torch.Tensor]:
         """Decoded uint8 squares of images (in threads when there are several)."""
         if len(images) == 1:  # the app's path: no thread pool
             return [self.decode(images[0])]
         dc = self.data_config
-        return list(decode_images(list(images), dc.resize, dc.interpolation, threads=min(4, len(images))))
+        return list(decode_images(list(images), dc, threads=min(4, len(images))))
 
-    def answer(self, decoded: Sequence[torch.Tensor], tta: bool | Sequence[bool] = False,
-               cam: bool = False) -> list[Answer]:
-        """Probabilities, guard scores and (with `cam`) class activation maps of decoded images, in one forward pass.
+    def classify(self, decoded: Sequence[torch.Tensor], tta: bool | Sequence[bool] = False,
+                 cam: bool = False) -> list[Prediction]:
+        """Predictions (with `cam`, class activation maps) of decoded images, in one forward pass.
 
         `decoded` are `decode` outputs; `tta` is one flag for all or one per image (the 8 flip /
         90-degree views, probabilities averaged). The guard scores, and the map shows, the image as given.
@@ -283,26 +265,65 @@ class Classifier:
         extra = probs[n:].reshape(TTA_VIEWS - 1, len(turned), probs.shape[1]) if turned else None
         scores, verdicts, kinds = [None] * n, [None] * n, [None] * n
         if self.guard is not None:
-            from ham_hf.serve.ood import colour_stats
+            from ham_hf.serve.guard import colour_stats
 
-            colours = np.stack([colour_stats(d.numpy()) for d in decoded])
+            colours = colour_stats(torch.stack(list(decoded)).numpy())
             scores = self.guard.score(outs.features[:n])
             verdicts, kinds = self.guard.judge(outs.features[:n], colours, scores, outs.texture[:n])
-        answers, k = [], 0
+        out, k = [], 0
         for i in range(n):
             p = probs[i]
             if flags[i]:
                 p = (p + extra[:, k].sum(axis=0)) / TTA_VIEWS
                 k += 1
             heat = class_activation_map(outs.feature_map[i], self.head_weight[int(p.argmax())]) if cam else None
-            answers.append(Answer(p, None if scores[i] is None else float(scores[i]), heat,
-                                  None if verdicts[i] is None else bool(verdicts[i]), kinds[i]))
-        return answers
+            score = None if scores[i] is None else float(scores[i])
+            verdict = None if verdicts[i] is None else bool(verdicts[i])
+            out.append(Prediction(dict(zip(CLASS_CODES, map(float, p))), score, verdict, kinds[i], heat))
+        return out
 
-    def prediction(self, answer: Answer) -> Prediction:
-        """The Prediction of one `answer`."""
-        return Prediction(dict(zip(CLASS_CODES, map(float, answer.probs))), answer.ood_score, answer.in_distribution,
-                          answer.ood_kind)
+
+@dataclass
+class PredictArguments:
+    """Options of `ham-hf predict PATHS...`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    output: str = field(default="predictions.csv", metadata={"help": "CSV to write (one row per image)."})
+    tta: bool = field(default=False, metadata={"help": "Average 8 flipped / rotated views."})
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+    backend: str = field(default="auto", metadata={
+        "help": "auto (int8 ONNX on the CPU when the model's fidelity check passed, else fp32 ONNX), onnx-int8, "
+                "onnx or torch.", "choices": list(BACKENDS)})
+
+
+PREDICT_USAGE = """ham-hf predict PATHS... --model MODEL [--output predictions.csv] [options]
+
+PATHS are image files and folders (searched recursively for JPEG, PNG, HEIC, WebP, TIFF, BMP and
+GIF files); unreadable files are reported and skipped. One CSV row per image: all 7 probabilities,
+the benign / malignant grouping and the out-of-distribution guard's verdict."""
+
+
+def write_predictions(paths: Sequence[str], args: PredictArguments) -> int:
+    """`ham-hf predict`: classify image files and folders into a CSV, whole or not at all; the number written."""
+    import csv
+
+    files = list_images(paths)
+    if not files:
+        raise ImageError("no images given: ham-hf predict PATHS... --model MODEL (files or folders)")
+    rows, skipped = predict_files(Classifier(args.model, backend=args.backend), files, args.batch_size, args.tta)
+    output = Path(args.output)
+    if not rows:  # an old CSV from an earlier run must not pass for this run's answer
+        output.unlink(missing_ok=True)
+        logger.error("no image could be read (%d skipped): nothing written to %s", len(skipped), output)
+        return 0
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    with partial.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(output)
+    logger.info("wrote %d predictions to %s; skipped %d unreadable file(s)", len(rows), output, len(skipped))
+    return len(rows)
 
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:

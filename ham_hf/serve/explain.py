@@ -36,7 +36,7 @@ def class_activation(classifier: Classifier, image, class_index: int | None = No
 def grad_cam(classifier: Classifier, image, class_index: int | None = None) -> tuple[np.ndarray, int]:
     """Return (Grad-CAM in [0, 1] at the model's input size, class index explained), with a backward pass."""
     net = classifier.model.timm_model
-    x = classifier.images_to_tensor([image]).requires_grad_(False)
+    x = classifier.preprocess(classifier.decode(image)[None].to(classifier.device), train=False)
     with torch.enable_grad():
         features = net.forward_features(x)
         if features.ndim != 4:

@@ -15,10 +15,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ham_hf.defaults import BUNDLED_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,22 @@ class _Outputs(nn.Module):
 
         feature_map, features, logits, texture = forward_all(self.model, pixel_values, True, self.texture)
         return logits, features, feature_map, texture
+
+
+@dataclass
+class ExportArguments:
+    """Options of `ham-hf export`."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    output: str = field(default="model.onnx", metadata={"help": "ONNX file to write."})
+
+
+def run_export(args: ExportArguments) -> Path:
+    """`ham-hf export`: the model as float32 ONNX at its own input size."""
+    from ham_hf import model as model_lib
+
+    model = model_lib.load_model(args.model)
+    return export_onnx(model, model_lib.data_config(model).size, args.output)
 
 
 def weights_digest(model, size: int) -> str:
@@ -109,6 +128,17 @@ def cached_onnx(model, size: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- compact weights
+
+
+@dataclass
+class BundleArguments:
+    """Options of `ham-hf bundle`."""
+
+    model: str = field(metadata={"help": "Model folder written by ham-hf train."})
+    output_dir: str = field(default=str(BUNDLED_DIR), metadata={
+        "help": "Folder to write (the app's default).", "aliases": ["--output"]})
+    dtype: str = field(default="float16", metadata={"help": "Storage dtype of weight tensors.",
+                                                    "choices": ["float16", "bfloat16", "float32"]})
 
 
 def bundle(model_dir: str | Path, output: str | Path, dtype: str = "float16") -> Path:

@@ -76,9 +76,8 @@ class TuneArguments:
 
 
 # A trial's budget, put before the user's options (which win): small enough for a 2-core CPU.
-TUNE_DEFAULTS = ["--image_size", "128", "--num_train_epochs", "2", "--max_train_samples", "1500",
-                 "--output_dir", "outputs/tune", "--save_strategy", "no", "--load_best_model_at_end", "false",
-                 "--logging_steps", "20", "--disable_tqdm", "true"]
+TUNE_DEFAULTS = {"image_size": 128, "num_train_epochs": 2, "max_train_samples": 1500, "output_dir": "outputs/tune",
+                 "save_strategy": "no", "load_best_model_at_end": False, "logging_steps": 20, "disable_tqdm": True}
 
 
 class TuneTrainer(train.HamTrainer):

@@ -323,7 +323,8 @@ def test_real_ham10000_split(real_ham):
 
 
 def test_prepare_takes_the_common_spellings_and_the_old_ones(ham_dir_ro, tmp_path):
-    from ham_hf.cli import PrepareArguments, parse
+    from ham_hf.cli import parse
+    from ham_hf.data import PrepareArguments
 
     new = parse(["--data", str(ham_dir_ro), "--output_dir", str(tmp_path / "a")], PrepareArguments)[0]
     old = parse(["--data-dir", str(ham_dir_ro), "--output", str(tmp_path / "a")], PrepareArguments)[0]

@@ -14,8 +14,9 @@ from ham_hf import model as model_lib
 from ham_hf.cli import main
 from ham_hf.errors import DataError, ModelError
 from ham_hf.finish import calibration
+from ham_hf.finish import guard as guard_fit
 from ham_hf.labels import CLASS_CODES
-from ham_hf.serve import ood
+from ham_hf.serve import guard as guard_lib
 
 
 def _overconfident(n=3000, k=7, seed=0):
@@ -49,7 +50,7 @@ def test_folded_temperature_is_what_every_loader_sees(tiny_model, tmp_path, ham_
     shutil.copytree(tiny_model, folder)
     image = str(next(ham_dir_ro.glob("HAM10000_images_part_1/*.jpg")))
     raw = Classifier(str(tiny_model), backend="torch")
-    logits = raw.logits(raw.images_to_tensor([image]))
+    logits = raw.forward(raw.preprocess(raw.decode(image)[None], train=False)).logits
     model = model_lib.load_model(str(tiny_model))
     head.scale_head(model, 1 / 2.5)
     save_weights_like(model, tiny_model / "model.safetensors", folder / "model.safetensors")
@@ -118,7 +119,7 @@ def test_trained_model_is_calibrated_and_guarded(calibrated_tiny_model):
     record = json.loads((calibrated_tiny_model / "results.json").read_text())
     assert record["head"]["temperature"] > 0
     assert set(record["calibration"]) == {"validation", "test"} and "brier_after" in record["calibration"]["test"]
-    assert (calibrated_tiny_model / ood.GUARD_FILE).is_file()
+    assert (calibrated_tiny_model / guard_lib.GUARD_FILE).is_file()
     assert (calibrated_tiny_model / "validation_reliability.png").is_file()
     assert (calibrated_tiny_model / "validation_reliability_uncalibrated.png").is_file()
     test = json.loads((calibrated_tiny_model / "test_metrics.json").read_text())
@@ -127,7 +128,7 @@ def test_trained_model_is_calibrated_and_guarded(calibrated_tiny_model):
     assert "## Out-of-distribution guard" in card and "AUROC" in card and "## Calibration" in card
     assert sum(g["n"] for g in test["by_dx_type"].values()) == sum(map(sum, test["confusion_matrix"]))
     assert "By how the diagnosis was confirmed" in card
-    guard = ood.Guard.load(calibrated_tiny_model / ood.GUARD_FILE)
+    guard = guard_lib.Guard.load(calibrated_tiny_model / guard_lib.GUARD_FILE)
     assert guard.feature_size == model_lib.head(model_lib.load_model(str(calibrated_tiny_model))).in_features
 
 
@@ -140,7 +141,7 @@ def test_predict_cli_writes_the_guard_columns(calibrated_tiny_model, ham_dir_ro,
 
 
 def test_guard_refuses_features_of_another_size(calibrated_tiny_model):
-    guard = ood.Guard.load(calibrated_tiny_model / ood.GUARD_FILE)
+    guard = guard_lib.Guard.load(calibrated_tiny_model / guard_lib.GUARD_FILE)
     with pytest.raises(ModelError, match="belongs to another model.*ham-hf calibrate"):
         guard.score(np.zeros((2, guard.feature_size + 1)))
 
@@ -150,13 +151,14 @@ def test_classifier_refuses_a_guard_of_another_model(calibrated_tiny_model, tmp_
 
     folder = tmp_path / "mixed"
     shutil.copytree(calibrated_tiny_model, folder)
-    guard = ood.Guard.load(folder / ood.GUARD_FILE)
-    wide = ood.Guard(np.zeros(guard.feature_size * 2, np.float32), np.zeros((2, guard.feature_size * 2), np.float32),
-                     guard.centres[:, :2], np.eye(2, dtype=np.float32), threshold=1.0)
-    wide.save(folder / ood.GUARD_FILE)
+    guard = guard_lib.Guard.load(folder / guard_lib.GUARD_FILE)
+    width = guard.feature_size * 2
+    wide = guard_lib.Guard(np.zeros(width, np.float32), np.zeros((2, width), np.float32), guard.centres[:, :2],
+                           np.eye(2, dtype=np.float32), threshold=1.0)
+    wide.save(folder / guard_lib.GUARD_FILE)
     with pytest.raises(ModelError, match="reads .* features but the model gives"):
         Classifier(str(folder), backend="torch")
-    (folder / ood.GUARD_FILE).write_bytes(b"not safetensors")
+    (folder / guard_lib.GUARD_FILE).write_bytes(b"not safetensors")
     with pytest.raises(ModelError, match="not a usable OOD guard file"):
         Classifier(str(folder), backend="torch")
 
@@ -178,7 +180,7 @@ def test_calibrate_refuses_a_backbone_and_leaves_nothing_half_written(tiny_backb
     def boom(*args, **kwargs):
         raise DataError("simulated failure half-way")
 
-    monkeypatch.setattr(ood.Guard, "fit", boom)
+    monkeypatch.setattr(guard_fit, "fit_mahalanobis", boom)
     assert main(["calibrate", "--model", str(folder), "--data", str(ham_dir_ro)]) == 2
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
@@ -186,9 +188,9 @@ def test_calibrate_refuses_a_backbone_and_leaves_nothing_half_written(tiny_backb
 def test_calibrate_cli_adds_guard_and_temperature(tiny_model, ham_dir_ro, tmp_path):
     out = tmp_path / "calibrated"
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out)]) == 0
-    assert (out / ood.GUARD_FILE).is_file() and (out / "config.json").is_file()
+    assert (out / guard_lib.GUARD_FILE).is_file() and (out / "config.json").is_file()
     assert json.loads((out / "results.json").read_text())["head"]["temperature"] > 0
-    assert not (tiny_model / ood.GUARD_FILE).exists()  # --output leaves the source alone
+    assert not (tiny_model / guard_lib.GUARD_FILE).exists()  # --output leaves the source alone
 
 
 def test_recalibrating_keeps_the_head_and_records_the_whole_temperature(tiny_model, ham_dir_ro, tmp_path):
@@ -210,7 +212,7 @@ def test_bundled_guard_flags_generated_images_and_keeps_real_lesions(bundled_mod
     """The promised rates on real data: >= 97% of validation lesions kept, generated non-lesion images flagged."""
     from ham_hf.serve.classifier import Classifier
 
-    if not ood.guard_path(bundled_model).is_file():
+    if not guard_lib.guard_path(bundled_model).is_file():
         pytest.skip("the bundled model has no guard")
     ids = [r["image_id"] for r in csv.DictReader((bundled_model / "split.csv").open()) if r["split"] == "validation"]
     rng = np.random.default_rng(0)
@@ -218,6 +220,6 @@ def test_bundled_guard_flags_generated_images_and_keeps_real_lesions(bundled_mod
     clf = Classifier(str(bundled_model), backend="torch")
     kept = [p.in_distribution for i in range(0, len(paths), 32) for p in clf.predict(paths[i:i + 32])]
     assert np.mean(kept) >= 0.97
-    generated = [im for _, im in ood.generated_images()]
+    generated = [im for _, im in guard_fit.generated_images()]
     flagged = [not p.in_distribution for p in clf.predict(generated)]
     assert np.mean(flagged) >= 0.9, flagged

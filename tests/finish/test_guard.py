@@ -10,8 +10,9 @@ import pytest
 
 from ham_hf.cli import main
 from ham_hf.errors import DataError, ModelError
+from ham_hf.finish import guard as guard_fit
 from ham_hf.finish.guard import read_folder
-from ham_hf.serve import ood
+from ham_hf.serve import guard as guard_lib
 from ham_hf.serve.classifier import Classifier
 
 from conftest import CLASS_COLOURS, tiny_jpeg
@@ -20,7 +21,7 @@ from conftest import CLASS_COLOURS, tiny_jpeg
 def _negatives(root):
     """A folder like ood-dev: generated photos, charts and scans by category, from two sources."""
     rows = ["file,category,source"]
-    images = dict(ood.generated_images(seed=3))
+    images = dict(guard_fit.generated_images(seed=3))
     groups = {"everyday": [k for k in images if k.startswith(("noise", "gradient"))],
               "document": [k for k in images if k.startswith("chart")],
               "skin_clinical": ["solid-230-180-160", "solid-200-120-100", "solid-120-80-60"],
@@ -54,7 +55,7 @@ def test_the_guard_learns_from_real_folders_and_is_judged_source_by_source(calib
     assert main(["calibrate", "--model", str(model), "--data", str(ham_dir_ro), "--guard_only", "true",
                  "--guard_negatives", str(negatives), "--guard_positives", str(positives)]) == 0
     assert (model / "model.safetensors").read_bytes() == weights  # the guard alone was refitted
-    guard = ood.Guard.load(model / ood.GUARD_FILE)
+    guard = guard_lib.Guard.load(model / guard_lib.GUARD_FILE)
     assert guard.probe is not None and {"photo", "document", "skin photo", "medical", "other"} <= set(guard.probe.kinds)
     before = json.loads((calibrated_tiny_model / "results.json").read_text())["guard"]
     results = json.loads((model / "results.json").read_text())["guard"]
@@ -73,9 +74,9 @@ def test_the_guard_learns_from_real_folders_and_is_judged_source_by_source(calib
     # The verdict carries the kind through the product's predictions.
     clf = Classifier(str(model), backend="torch")
     flagged = [p for p in clf.predict([str(p) for p in (negatives / "images").glob("*.png")]) if not p.in_distribution]
-    assert flagged and all(p.ood_kind in (*ood.KINDS[1:], "greyscale") for p in flagged)
+    assert flagged and all(p.ood_kind in (*guard_lib.KINDS[1:], "greyscale") for p in flagged)
     # A saved guard reads back exactly.
-    again = ood.Guard.load(model / ood.GUARD_FILE)
+    again = guard_lib.Guard.load(model / guard_lib.GUARD_FILE)
     np.testing.assert_array_equal(again.probe.weight, guard.probe.weight)
     assert again.probe.min_dermoscopic == guard.probe.min_dermoscopic and again.probe.kinds == guard.probe.kinds
 
@@ -126,13 +127,13 @@ def test_a_guard_of_the_previous_version_says_to_refit(tmp_path):
     arrays = {k: np.zeros((2, 2), np.float32) for k in ("mean", "components", "centres", "precision", "probe_weight")}
     save_file(arrays, str(tmp_path / "old.safetensors"), metadata={"threshold": "1.0", "version": "2"})
     with pytest.raises(ModelError, match=r"version 2.*refit it with `ham-hf calibrate"):
-        ood.Guard.load(tmp_path / "old.safetensors")
+        guard_lib.Guard.load(tmp_path / "old.safetensors")
 
 
 def test_greyscale_is_told_apart_by_colour():
     grey = np.stack([np.full((64, 64), 120, np.uint8)] * 3, axis=-1)
     skin = np.zeros((64, 64, 3), np.uint8) + np.array([200, 140, 120], np.uint8)
-    assert ood.colour_stats(grey)[1] > ood.GREY_SHARE > ood.colour_stats(skin)[1]
+    assert guard_lib.colour_stats(grey)[1] > guard_lib.GREY_SHARE > guard_lib.colour_stats(skin)[1]
 
 
 def test_the_probe_s_floor_keeps_what_a_fit_without_each_source_would():
@@ -149,18 +150,18 @@ def test_the_probe_s_floor_keeps_what_a_fit_without_each_source_would():
     kinds = ["dermoscopic"] * 330 + ["photo"] * 40 + ["document"] * 10
     sources = ["home"] * 300 + ["far"] * 15 + ["near"] * 15 + ["cam"] * 40 + ["docs"] * 10
     val = texture(0.0, 100)
-    probe = ood.Probe.fit(t, colours(len(t)), kinds, sources, val, colours(100), home="home")
+    probe = guard_fit.fit_probe(t, colours(len(t)), kinds, sources, val, colours(100), home="home")
     assert probe.kinds == ("photo", "document")
-    z = (ood.Probe.inputs(t, colours(len(t))) - probe.offset) / probe.scale
+    z = (guard_lib.Probe.inputs(t, colours(len(t))) - probe.offset) / probe.scale
     positive, src = np.array(kinds) == "dermoscopic", np.array(sources)
-    floors = [np.quantile(probe.dermoscopic(val, colours(100)), 1 - ood.KEEP_QUANTILE)]
+    floors = [np.quantile(probe.dermoscopic(val, colours(100)), 1 - guard_lib.KEEP_QUANTILE)]
     for held in ("far", "near"):
         rest = src != held
-        w = ood.source_weights(positive[rest], src[rest])
-        model = LogisticRegression(C=ood.PROBE_C, max_iter=3000).fit(z[rest], positive[rest], sample_weight=w)
-        floors.append(np.quantile(model.predict_proba(z[src == held])[:, 1], ood.PROBE_QUANTILE))
+        w = guard_fit.source_weights(positive[rest], src[rest])
+        model = LogisticRegression(C=guard_fit.PROBE_C, max_iter=3000).fit(z[rest], positive[rest], sample_weight=w)
+        floors.append(np.quantile(model.predict_proba(z[src == held])[:, 1], guard_fit.PROBE_QUANTILE))
     assert probe.min_dermoscopic == pytest.approx(min(floors), rel=1e-4)
     assert (probe.dermoscopic(photos, colours(40)) < probe.min_dermoscopic).all()
     assert set(probe.kind_of(np.r_[photos[:3], charts[:3]], colours(6))) == {"photo", "document"}
-    w = ood.source_weights(np.array([1, 1, 1, 0]), np.array(["a", "a", "b", "c"]))
+    w = guard_fit.source_weights(np.array([1, 1, 1, 0]), np.array(["a", "a", "b", "c"]))
     assert w.tolist() == pytest.approx([0.5, 0.5, 1.0, 2.0])  # a and b weigh alike; the classes weigh alike

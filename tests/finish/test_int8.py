@@ -143,7 +143,7 @@ def test_int8_leaves_the_stem_first_stage_and_head_float(calibrated_tiny_model, 
 def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model, ham_dir_ro, tmp_path, cache):
     """`ham-hf calibrate --int8_only` rewrites the int8 files; weights, guard and temperature are left alone."""
     from ham_hf.cli import main
-    from ham_hf.serve import ood
+    from ham_hf.serve import guard as guard_lib
 
     folder = _copy(calibrated_tiny_model, tmp_path)
     stale = json.loads((folder / export.INT8_RANGES).read_text())
@@ -151,7 +151,7 @@ def test_calibrate_int8_only_refits_int8_and_nothing_else(calibrated_tiny_model,
         tensor["highest"]["data"] = [x * 10 + 1 for x in tensor["highest"]["data"]]
     (folder / export.INT8_RANGES).write_text(json.dumps(stale))
     results.update(folder, int8=None)
-    kept = {name: (folder / name).read_bytes() for name in ("model.safetensors", ood.GUARD_FILE)}
+    kept = {name: (folder / name).read_bytes() for name in ("model.safetensors", guard_lib.GUARD_FILE)}
     before = results.load(folder)
     assert main(["calibrate", "--model", str(folder), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
     assert all((folder / name).read_bytes() == data for name, data in kept.items())
@@ -172,14 +172,14 @@ def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, h
     import importlib.util
 
     from ham_hf.cli import main
-    from ham_hf.serve import ood
+    from ham_hf.serve import guard as guard_lib
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "onnxruntime" else real_find_spec(name, *a, **k))
     out = tmp_path / "calibrated"
     assert main(["calibrate", "--model", str(tiny_model), "--data", str(ham_dir_ro), "--output", str(out)]) == 0
-    assert (out / ood.GUARD_FILE).is_file() and not (out / export.INT8_RANGES).exists()
+    assert (out / guard_lib.GUARD_FILE).is_file() and not (out / export.INT8_RANGES).exists()
     assert "onnxruntime not installed here; run `ham-hf calibrate --int8_only true`" in caplog.text
     assert "int8" not in results.load(out)
 
@@ -187,14 +187,14 @@ def test_calibration_without_onnx_runtime_skips_int8_with_one_line(tiny_model, h
 def test_training_can_leave_int8_to_calibrate(ham_dir_ro, tiny_backbone, tmp_path, cache):
     """`--calibrate_int8 false` (the GPU sweep's): calibrated and guarded, int8 measured later by `--int8_only`."""
     from ham_hf.cli import main
-    from ham_hf.serve import ood
+    from ham_hf.serve import guard as guard_lib
 
     from conftest import train_argv
 
     out = tmp_path / "run"
     assert main(train_argv(ham_dir_ro, tiny_backbone, out, "--calibrate_int8", "false", "--num_train_epochs", "1")) == 0
     record = results.load(out)
-    assert record["head"]["temperature"] > 0 and (out / ood.GUARD_FILE).is_file()
+    assert record["head"]["temperature"] > 0 and (out / guard_lib.GUARD_FILE).is_file()
     assert not (out / export.INT8_RANGES).exists() and "int8" not in record
     assert main(["calibrate", "--model", str(out), "--data", str(ham_dir_ro), "--int8_only", "true"]) == 0
     assert (out / export.INT8_RANGES).is_file() and "top1_agreement" in results.load(out)["int8"]

@@ -33,11 +33,14 @@ def fake_hub(monkeypatch, tmp_path):
         shutil.copytree(kw["folder_path"], copy)
         calls.append(("upload_folder", {**kw, "copy": copy}))
 
+    def create_commit(self, **kw):
+        calls.append(("create_commit", {**kw, "files": sorted(op.path_in_repo for op in kw["operations"])}))
+
     def add_space_variable(self, repo_id, key, value, **kw):
         calls.append(("add_space_variable", {"repo_id": repo_id, "key": key, "value": value}))
 
     for name, fn in (("create_repo", create_repo), ("upload_folder", upload_folder),
-                     ("add_space_variable", add_space_variable)):
+                     ("create_commit", create_commit), ("add_space_variable", add_space_variable)):
         monkeypatch.setattr(HfApi, name, fn)
     return calls
 
@@ -85,7 +88,7 @@ def test_deploy_with_a_hub_model_sets_the_variable(fake_hub):
 def test_deploy_with_a_local_model_pushes_it_first(fake_hub, tiny_model):
     assert main(["deploy", "--space_id", "me/ham-demo", "--model", str(tiny_model)]) == 0
     order = [(name, kw["repo_id"]) for name, kw in fake_hub]
-    assert order[:2] == [("create_repo", "me/ham-demo-model"), ("upload_folder", "me/ham-demo-model")]
+    assert order[:2] == [("create_repo", "me/ham-demo-model"), ("create_commit", "me/ham-demo-model")]
     assert ("add_space_variable", "me/ham-demo") in order
     variable = next(kw for name, kw in fake_hub if name == "add_space_variable")
     assert variable["value"] == "me/ham-demo-model"
@@ -137,8 +140,8 @@ def test_the_space_runs_from_its_uploaded_files_alone(fake_hub, bundled_model, r
         "from ham_hf.serve.uploads import uploads\n"
         "uploads().keep([sys.argv[2]])  # as the upload route records a stored upload\n"
         "label, text, verdict = fn({'path': sys.argv[2]}, False, False)\n"
-        "assert len(label) == 7 and verdict['in_distribution'] is True, (label, verdict)\n"
-        "print('SPACE OK', max(label, key=label.get))\n"
+        "assert len(label['confidences']) == 7 and verdict['in_distribution'] is True, (label, verdict)\n"
+        "print('SPACE OK', label['label'])\n"
     )
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HAM_HF_CACHE": str(tmp_path / "c")}
     upload = tmp_path / "nv.jpg"

@@ -55,11 +55,9 @@ def test_tta_off_equals_the_pipeline(tiny_model, clf, clf_torch):
     np.testing.assert_allclose(clf.predict_proba([str(p) for p in EXAMPLES]), expected, atol=1e-5)
 
 
-def test_fast_path_matches_pytorch_on_the_real_resnet50(tmp_path, real_images):
+def test_fast_path_matches_pytorch_on_the_real_resnet50(tmp_path, real_images, resnet50_dir):
     """ONNX Runtime (the app's CPU path) and eager PyTorch agree on the real ResNet-50 architecture."""
-    weights = REPO.parent / "shared" / "weights" / "resnet50-imagenet"
-    if not (weights / "model.safetensors").is_file():
-        pytest.skip("../shared/weights/resnet50-imagenet is not here")
+    weights = resnet50_dir
     from ham_hf.model import load_model
 
     load_model(str(weights)).save_pretrained(tmp_path / "r50")
@@ -240,15 +238,16 @@ def test_push_uploads_the_model_files(tiny_model, monkeypatch, caplog):
     monkeypatch.setattr(HfApi, "create_repo",
                         lambda self, repo_id, **kw: calls.update(repo=repo_id, create=kw) or f"https://hf.co/{repo_id}")
 
-    def upload(self, **kw):
-        root = Path(kw["folder_path"])  # a staging folder, gone after the call: read it now
-        calls.update(upload=kw, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()},
-                     card=ModelCard.load(root / "README.md"))
+    def commit(self, **kw):
+        ops = {op.path_in_repo: op.path_or_fileobj for op in kw["operations"]}
+        calls.update(upload=kw, files=set(ops), card=ModelCard(ops["README.md"].decode()))
 
-    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    monkeypatch.setattr(HfApi, "create_commit", commit)
+    before = (tiny_model / "README.md").read_bytes()
     assert main(["push", "--model", str(tiny_model), "--repo-id", "me/ham-tiny", "--private"]) == 0
     assert calls["repo"] == "me/ham-tiny" and calls["create"]["private"] is True
     assert calls["upload"]["repo_id"] == "me/ham-tiny" and calls["upload"]["repo_type"] == "model"
+    assert (tiny_model / "README.md").read_bytes() == before  # the widget goes in the pushed card only
     files = calls["files"]
     assert {"config.json", "model.safetensors", "README.md", "results.json", "test_confusion_matrix.png",
             "training_curves.png", "test_metrics.json"} <= files
@@ -332,19 +331,23 @@ def test_class_activation_map_is_grad_cam_without_a_backward_pass(tiny_model):
             np.testing.assert_allclose((cam - lo) / (cam.max() - lo), reference, atol=1e-4)
     onnx_clf = Classifier(str(tiny_model), backend="onnx")
     decoded = onnx_clf.decode(image)
-    answer_onnx = onnx_clf.answer([decoded], cam=True)[0]
-    answer_torch = torch_clf.answer([decoded], cam=True)[0]
+    answer_onnx = onnx_clf.classify([decoded], cam=True)[0]
+    answer_torch = torch_clf.classify([decoded], cam=True)[0]
     np.testing.assert_allclose(answer_onnx.cam, answer_torch.cam, atol=1e-3)
-    assert explain(onnx_clf, image)[1] == int(np.argmax(answer_onnx.probs))
+    assert explain(onnx_clf, image)[1] == CLASS_CODES.index(answer_onnx.top)
 
 
-def test_answer_batches_mixed_test_time_augmentation_as_single_calls_do(clf_torch):
+def test_classify_batches_mixed_test_time_augmentation_as_single_calls_do(clf_torch):
     """One forward pass for images with and without TTA gives each what its own call would."""
+    def probs(prediction):
+        return [prediction.probabilities[c] for c in CLASS_CODES]
+
     decoded = [clf_torch.decode(str(p)) for p in EXAMPLES[:3]]
-    together = clf_torch.answer(decoded, [False, True, False])
+    together = clf_torch.classify(decoded, [False, True, False])
     for d, flag, got in zip(decoded, (False, True, False), together):
-        np.testing.assert_allclose(got.probs, clf_torch.answer([d], flag)[0].probs, atol=1e-5)
-    np.testing.assert_allclose(together[1].probs, clf_torch.predict_proba([str(EXAMPLES[1])], tta=True)[0], atol=1e-5)
+        np.testing.assert_allclose(probs(got), probs(clf_torch.classify([d], flag)[0]), atol=1e-5)
+    np.testing.assert_allclose(probs(together[1]), clf_torch.predict_proba([str(EXAMPLES[1])], tta=True)[0],
+                               atol=1e-5)
 
 
 def test_every_folder_the_product_writes_loads_in_timm_with_the_pipeline_s_answer(tmp_path, tiny_model):

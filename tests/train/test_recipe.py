@@ -253,14 +253,20 @@ def test_tune_refuses_unknown_parameters_and_a_budget_below_one_trial(tmp_path, 
     assert not (tmp_path / "t" / "trials.csv").exists()
 
 
-def test_json_config_passes_dict_options_as_json(tmp_path):
-    from ham_hf.cli import json_to_argv
+def test_json_config_passes_dict_options_and_refuses_unknown_ones(tmp_path):
+    from ham_hf import data
+    from ham_hf.cli import parse
+    from ham_hf.transforms import AugmentArguments
 
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"lr_scheduler_kwargs": {"num_cycles": 2}, "num_train_epochs": 3}))
-    argv = json_to_argv(str(path))
-    assert argv == ["--lr_scheduler_kwargs", '{"num_cycles": 2}', "--num_train_epochs", "3"]
-    args = train.HamTrainingArguments(output_dir=str(tmp_path), lr_scheduler_kwargs=argv[1])
-    assert args.lr_scheduler_kwargs == {"num_cycles": 2}
+    path.write_text(json.dumps({"lr_scheduler_kwargs": {"num_cycles": 2}, "num_train_epochs": 3,
+                                "output_dir": str(tmp_path / "from-file")}))
+    *_, args = parse([str(path), "--num_train_epochs", "4"], train.ModelArguments, train.DataArguments,
+                     train.RecipeArguments, AugmentArguments, data.SplitArguments, train.HamTrainingArguments)
+    assert args.lr_scheduler_kwargs == {"num_cycles": 2} and args.num_train_epochs == 4
+    assert args.output_dir == str(tmp_path / "from-file")  # a required option the file gives
+    path.write_text(json.dumps({"num_train_epoch": 3}))
+    with pytest.raises(UserError, match="unknown option.*num_train_epoch"):
+        parse([str(path)], train.HamTrainingArguments)
 
 
