@@ -91,11 +91,16 @@ def update(folder: str | Path, **sections) -> dict:
     return record
 
 
+def dumps(record: dict) -> str:
+    """A record as the file holds it: JSON, its keys in the order the steps gave them (the card's order)."""
+    return json.dumps(record, indent=2, default=_plain) + "\n"
+
+
 def write(path: str | Path, record: dict) -> Path:
-    """Write a record to path atomically, its keys in the order the steps gave them (the card's order)."""
+    """Write a record to path atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_plain) + "\n")
+    tmp.write_text(dumps(record))
     tmp.replace(path)
     return path
 

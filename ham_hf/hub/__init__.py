@@ -132,7 +132,7 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False, token
     generated = {card.CARD_FILE: str(card.card(record, widget(repo_id, [p.name for p in examples]) if examples
                                                else None))}
     if not (root / results.FILE).is_file():
-        generated[results.FILE] = json.dumps(record, indent=2) + "\n"
+        generated[results.FILE] = results.dumps(record)
     operations = ([CommitOperationAdd(name, str(root / name)) for name in files]
                   + [CommitOperationAdd(f"examples/{p.name}", str(p)) for p in examples]
                   + [CommitOperationAdd(name, text.encode()) for name, text in generated.items()])
