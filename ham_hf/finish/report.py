@@ -131,6 +131,9 @@ AGE_BANDS = ((0, 40, "under 40"), (40, 60, "40-59"), (60, float("inf"), "60 and 
 COMMONEST_SITES = 5
 MIN_IMAGES = 30
 MIN_POSITIVES = 10
+# Each subgroup figure and the metric module's name for it.
+SUBGROUP_METRICS = {"balanced_accuracy": "balanced_accuracy", "mel_sensitivity": "mel_sensitivity_at_decision",
+                    "malignant_roc_auc": "malignant_roc_auc"}
 
 
 def age_band(age) -> str:
@@ -155,22 +158,10 @@ def patient_groups(metadata: dict[str, Sequence]) -> dict[str, list[str]]:
     return out
 
 
-def _group_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Balanced accuracy (classes present), melanoma sensitivity at the decision, malignant-vs-benign ROC AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    predicted, mel = probs.argmax(1), CLASS_CODES.index("mel")
-    malignant_ids = [CLASS_CODES.index(c) for c in sorted(MALIGNANT)]
-    malignant = np.isin(labels, malignant_ids)
-    return {"balanced_accuracy": float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)])),
-            "mel_sensitivity": float((predicted[labels == mel] == mel).mean()) if (labels == mel).any() else np.nan,
-            "malignant_roc_auc": float(roc_auc_score(malignant, probs[:, malignant_ids].sum(1)))
-            if 0 < malignant.sum() < len(labels) else np.nan}
-
-
 def subgroup_figures(probs: np.ndarray, labels: Sequence[int], lesions: Sequence[str], metadata: dict[str, Sequence],
                      n_bootstrap: int = metrics.N_BOOTSTRAP, seed: int = 0) -> dict:
-    """Each patient group's images, lesions and figures with 95% lesion-bootstrap intervals; too-small ones None."""
+    """Each patient group's images, lesions and figures with 95% lesion-bootstrap intervals (the metric module's,
+    `ham_hf.metrics.compute`); the figures of a group too small to read are None."""
     probs, labels, lesions = np.asarray(probs, dtype=np.float64), np.asarray(labels), np.asarray(lesions)
     mel, malignant_ids = CLASS_CODES.index("mel"), [CLASS_CODES.index(c) for c in sorted(MALIGNANT)]
     out: dict = {"rule": {"min_images": MIN_IMAGES, "min_positives": MIN_POSITIVES, "resamples": n_bootstrap,
@@ -188,16 +179,13 @@ def subgroup_figures(probs: np.ndarray, labels: Sequence[int], lesions: Sequence
                         >= MIN_POSITIVES}
             group = {"n": int(len(rows)), "lesions": int(len(set(lesions[rows]))), "melanomas": int((y == mel).sum()),
                      "malignant": n_malignant, "ci": {}}
-            if any(readable.values()):
-                point = _group_scores(probs[rows], y)
-                samples = _bootstrap(probs[rows], y, lesions[rows], n_bootstrap, seed)
-                for key, ok in readable.items():
-                    group[key] = point[key] if ok else None
-                    if ok:
-                        values = np.array([s[key] for s in samples])
-                        group["ci"][key] = [float(np.nanpercentile(values, 2.5)), float(np.nanpercentile(values, 97.5))]
-            else:
-                group.update(dict.fromkeys(readable))
+            scored = metrics.compute(probs[rows], y, groups=lesions[rows], n_bootstrap=n_bootstrap, seed=seed) \
+                if any(readable.values()) else {}
+            for key, ok in readable.items():
+                source = SUBGROUP_METRICS[key]
+                group[key] = scored[source] if ok else None
+                if ok:
+                    group["ci"][key] = scored["ci"][source]
             group["too_small"] = [key for key, ok in readable.items() if not ok]
             out[kind][name] = group
     return out
@@ -208,18 +196,6 @@ def _group_order(kind: str, name: str, n: int) -> tuple:
     bands = [band for _, _, band in AGE_BANDS]
     rank = bands.index(name) if kind == "age" and name in bands else -n
     return (name in ("unknown", "other sites"), rank, name)
-
-
-def _bootstrap(probs: np.ndarray, labels: np.ndarray, lesions: np.ndarray, n: int, seed: int) -> list[dict]:
-    """_group_scores over n resamples of whole lesions, seeded."""
-    rng = np.random.default_rng(seed)
-    _, index = np.unique(lesions, return_inverse=True)
-    members = [np.flatnonzero(index == g) for g in range(index.max() + 1)]
-    samples = []
-    for _ in range(n):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        samples.append(_group_scores(probs[rows], labels[rows]))
-    return samples
 
 
 def write_split_reports(output_dir: str | Path, split: str, probs: np.ndarray, labels: Sequence[int],

@@ -107,6 +107,7 @@ def test_operating_points_match_their_definitions():
     probs /= probs.sum(1, keepdims=True)
     r = metrics.compute(probs, labels)
     mel = probs[:, 4]
+    assert r["mel_sensitivity_at_decision"] == pytest.approx((probs[labels == 4].argmax(1) == 4).mean())
     for spec in (80, 90):
         threshold = np.quantile(mel[labels == 5], spec / 100)
         assert r[f"mel_sensitivity_at_specificity_{spec}"] == pytest.approx((mel[labels == 4] > threshold).mean())

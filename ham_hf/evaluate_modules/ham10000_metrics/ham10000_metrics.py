@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 _DESCRIPTION = """Accuracy, balanced accuracy (mean per-class recall, the ISIC 2018 challenge score), macro F1,
 macro one-vs-rest ROC AUC, per-class precision / recall / F1 / support and the confusion matrix,
 calibration (expected calibration error over 15 bins, Brier score), malignant-vs-benign ROC AUC and
-melanoma sensitivity at fixed specificities, from class probabilities (one row per example) and
+melanoma sensitivity at the decision and at fixed specificities, from class probabilities (one row per example) and
 integer references; optionally with bootstrap confidence intervals that resample groups (lesions)."""
 
 _KWARGS_DESCRIPTION = """
@@ -22,15 +22,16 @@ Args:
     references: list of int, the true class ids.
     label_names: optional list of str, one name per class (default "0".."K-1").
     malignant: optional list of class names counted as malignant (for malignant_roc_auc).
-    positive: optional class name whose sensitivity at fixed specificities is reported (e.g. "mel").
+    positive: optional class name whose sensitivity at the decision (the share of its examples predicted
+        as it) and at fixed specificities is reported (e.g. "mel").
     groups: optional list of group ids (lesion_id), one per example: the bootstrap resamples groups.
     n_bootstrap: resamples for the 95% confidence intervals (0: none), seed: their random seed.
 Returns:
     accuracy, balanced_accuracy, macro_f1, roc_auc_macro (NaN when a class is absent from the
     references), per_class: {name: {precision, recall, f1, support}}, confusion_matrix: K x K
-    list (rows true, columns predicted), ece, brier; malignant_roc_auc and
-    {positive}_sensitivity_at_specificity_{80,90} when asked for; ci: {metric: [low, high]} with
-    n_bootstrap > 0.
+    list (rows true, columns predicted), ece, brier; malignant_roc_auc,
+    {positive}_sensitivity_at_decision and {positive}_sensitivity_at_specificity_{80,90} when asked for;
+    ci: {metric: [low, high]} with n_bootstrap > 0.
 """
 
 SPECIFICITIES = (0.8, 0.9)
@@ -90,6 +91,9 @@ def _scores(probs, refs, malignant_ids, positive_id):
     if malignant_ids:
         out["malignant_roc_auc"] = roc_auc(np.isin(refs, malignant_ids), probs[:, malignant_ids].sum(axis=1))
     if positive_id is not None:
+        is_positive = refs == positive_id
+        out["sensitivity_at_decision"] = float((preds[is_positive] == positive_id).mean()) if is_positive.any() \
+            else float("nan")
         for spec in SPECIFICITIES:
             out[f"sensitivity_at_specificity_{round(spec * 100)}"] = sensitivity_at_specificity(
                 refs == positive_id, probs[:, positive_id], spec)
