@@ -14,6 +14,9 @@ weights' per-channel ranges across each ReLU (cross-layer equalisation, Nagel et
 stem into layer1's first block, and inside every bottleneck), which leaves the float model's outputs
 as they were (checked) and is then quantized by the rest of the recipe;
 calibration `minmax-ma` (moving average of batch extremes), `minmax`, `percentile` (99.999th), `entropy`.
+Recipe `tuned<N>` (`tuned300`) is `all-minmax-ma` followed by `ham-hf calibrate`'s quantization-aware
+tuning of the stem and first stage for N steps (`ham_hf.finish.int8.tune_int8`, on the training split).
+With `--openvino` each graph is also compiled by OpenVINO (the same QDQ file) and read the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ham_hf import data, metrics  # noqa: E402
 from ham_hf.finish import guard as guard_fit  # noqa: E402
-from ham_hf.finish.int8 import _float_batches, _onnx_outputs  # noqa: E402
+from ham_hf.finish.int8 import _float_batches, _onnx_outputs, tune_int8  # noqa: E402
 from ham_hf.serve import export  # noqa: E402
 from ham_hf.serve.classifier import Classifier  # noqa: E402
 from ham_hf.transforms import cache_split, decode_images  # noqa: E402
@@ -47,23 +50,21 @@ STAGES = {"stem": ("/conv1/", "/act1/", "/maxpool/"), **{f"layer{k}": (f"/layer{
 
 
 def build(recipe: str, fp32: Path, out: Path, batches) -> Path:
-    """The int8 graph of one recipe (export's module settings swapped in for the call)."""
+    """The int8 graph of one recipe (export's calibration settings and float rule swapped in for the call)."""
     part, calibration = recipe.split("-", 1)
     method, options = CALIBRATIONS[calibration]
-    saved = export.INT8_METHOD, export.INT8_OPTIONS, export.FLOAT_UNTIL_STRIDE, export.float_nodes
+    saved = export.INT8_METHOD, export.INT8_OPTIONS, export.float_nodes
     export.INT8_METHOD, export.INT8_OPTIONS = method, options
+    stride = FLOAT_PARTS.get(part, 0)
     if part.startswith("only:"):  # every node float but one stage's
         prefixes = STAGES[part.split(":")[1]]
-        export.float_nodes = lambda graph: [n.name for n in graph.node if not n.name.startswith(prefixes)]
+        export.float_nodes = lambda graph, _: [n.name for n in graph.node if not n.name.startswith(prefixes)]
     elif part == "noadd":  # the shipped rule with nothing float before the head, and the additions float
-        export.FLOAT_UNTIL_STRIDE = 0
-        export.float_nodes = lambda graph: saved[3](graph) + [n.name for n in graph.node if n.op_type == "Add"]
-    else:
-        export.FLOAT_UNTIL_STRIDE = FLOAT_PARTS[part]
+        export.float_nodes = lambda graph, _: saved[2](graph, 0) + [n.name for n in graph.node if n.op_type == "Add"]
     try:
-        return export.quantize_int8(fp32, out, out.with_suffix(".ranges.json"), batches)
+        return export.quantize_int8(fp32, out, out.with_suffix(".ranges.json"), batches, float_until_stride=stride)
     finally:
-        export.INT8_METHOD, export.INT8_OPTIONS, export.FLOAT_UNTIL_STRIDE, export.float_nodes = saved
+        export.INT8_METHOD, export.INT8_OPTIONS, export.float_nodes = saved
 
 
 def _bn_scale(bn) -> torch.Tensor:
@@ -109,6 +110,31 @@ def p50_ms(path: Path, batches) -> float:
     return round(float(np.median(times) * 1000), 2)
 
 
+def openvino_row(path: Path, val_batches, ext_batches, ref_val, ref_ext, y_val, y_ext) -> dict:
+    """The same QDQ graph compiled by OpenVINO for the CPU: agreement with the fp32 graph and p50 of one image."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                          "INFERENCE_PRECISION_HINT": "f32",
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    request, logits = compiled.create_infer_request(), compiled.output("logits")
+
+    def outputs(batches) -> np.ndarray:
+        return np.concatenate([request.infer({"pixel_values": b})[logits] for b in batches])
+
+    singles = [b[i:i + 1] for b in val_batches for i in range(len(b))][:100]
+    for x in singles[:5]:
+        request.infer({"pixel_values": x})
+    times = []
+    for x in singles:
+        start = time.perf_counter()
+        request.infer({"pixel_values": x})
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": round(float(np.median(times) * 1000), 2), "version": ov.get_version(),
+            "validation": agreement(ref_val, outputs(val_batches), y_val),
+            "external": agreement(ref_ext, outputs(ext_batches), y_ext)}
+
+
 def agreement(z32: np.ndarray, z8: np.ndarray, y: np.ndarray) -> dict:
     """Top-1 agreement and balanced accuracy of int8 against fp32."""
     from sklearn.metrics import balanced_accuracy_score
@@ -129,6 +155,7 @@ def main() -> None:
     p.add_argument("--recipes", default="float4-minmax-ma,all-minmax-ma,all-percentile,all-entropy,float2-minmax-ma")
     p.add_argument("--n-calibration", type=int, default=300)
     p.add_argument("--work", default=None, help="keep the graphs here (default: a temporary folder)")
+    p.add_argument("--openvino", action="store_true", help="also run each graph in OpenVINO (pip install openvino)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     clf = Classifier(args.model, backend="torch")
@@ -148,7 +175,7 @@ def main() -> None:
     fp32 = export.export_onnx(clf.model.float(), dc.size, work / "fp32.onnx")
     ref_val, ref_ext = _onnx_outputs(fp32, val_batches)[0], _onnx_outputs(fp32, ext_batches)[0]
     logging.info("%s", json.dumps({"recipe": "fp32", "p50_ms": p50_ms(fp32, val_batches)}))
-    equalised = None
+    equalised = train_images = None
     for recipe in args.recipes.split(","):
         start = time.perf_counter()
         source = fp32
@@ -162,11 +189,20 @@ def main() -> None:
                 moved = np.abs(_onnx_outputs(equalised, val_batches)[0] - ref_val).max()
                 logging.info("equalised: largest logit change on validation %.2e", moved)
             source = equalised
-        int8 = build(recipe.removeprefix("cle:"), source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
+        if recipe.startswith("tuned"):  # every convolution int8, then `ham-hf calibrate`'s tuning for N steps
+            untuned = build("all-minmax-ma", fp32, work / f"{recipe}-untuned.onnx", calibration)
+            if train_images is None:
+                train_images = cache_split(dsd["train"], dc)
+            int8 = tune_int8(clf.model, dc, train_images, untuned, untuned.with_suffix(".ranges.json"), work,
+                             int(recipe.removeprefix("tuned")))[1]
+        else:
+            int8 = build(recipe.removeprefix("cle:"), source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
         built = time.perf_counter() - start
         row = {"recipe": recipe, "build_s": round(built, 1), "p50_ms": p50_ms(int8, val_batches),
                "validation": agreement(ref_val, _onnx_outputs(int8, val_batches)[0], y_val),
                "external": agreement(ref_ext, _onnx_outputs(int8, ext_batches)[0], y_ext)}
+        if args.openvino:
+            row["openvino"] = openvino_row(int8, val_batches, ext_batches, ref_val, ref_ext, y_val, y_ext)
         logging.info("%s", json.dumps(row))
 
 

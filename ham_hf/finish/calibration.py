@@ -25,7 +25,7 @@ from ham_hf.errors import DataError, ModelError, UserError
 from ham_hf.finish import report
 from ham_hf.finish.evaluation import embed
 from ham_hf.finish.guard import evaluate_guard, fit_guard
-from ham_hf.finish.int8 import fit_int8
+from ham_hf.finish.int8 import INT8_TUNING_STEPS, fit_int8
 from ham_hf.labels import CLASS_CODES
 from ham_hf.serve import guard as guard_lib
 from ham_hf.transforms import CachedImages, cache_split
@@ -121,8 +121,8 @@ def check_same_split(dsd, split_file: Path) -> None:
 def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_dir: Path, bf16: bool = False,
                     train_sample: int = 3000, seed: int = 0, write: bool = True, write_reports: bool = False,
                     int8: bool = True, folded_temperature: float = 1.0, guard_negatives: str | None = None,
-                    guard_positives: str | None = None) -> dict:
-    """Fit T on validation and fold it into the head; fit the OOD guard; write reports; return record sections.
+                    guard_positives: str | None = None, int8_tuning_steps: int = INT8_TUNING_STEPS) -> dict:
+    """Fit T on validation and fold it into the head; fit the OOD guard and int8; write reports; return sections.
 
     `folded_temperature` is the T already in the head (a calibrated model's record): T is fitted on
     the unfolded logits, so "before" always means uncalibrated and the recorded T is the head's whole
@@ -175,7 +175,8 @@ def calibrate_model(model, data_config, cached: dict[str, CachedImages], output_
                                  guard_negatives, guard_positives, val_texture)
     if write:
         guard.save(output_dir / guard_lib.GUARD_FILE)
-        fidelity = fit_int8(model, data_config, cached, output_dir, guard) if int8 else {}
+        fidelity = fit_int8(model, data_config, cached, output_dir, guard, tuning_steps=int8_tuning_steps,
+                            guard_negatives=guard_negatives, guard_positives=guard_positives) if int8 else {}
         if fidelity:
             sections["int8"] = fidelity
     sections["guard"] = {**figures, **evaluate_guard(guard, _features_of(model, data_config, bf16), data_config,
@@ -242,7 +243,11 @@ class CalibrateArguments:
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast for the forward passes (default: where "
                                                               "the CPU runs it natively)."})
     int8_only: bool = field(default=False, metadata={
-        "help": "Refit only the int8 ranges and fidelity record; weights, temperature and guard stay."})
+        "help": "Refit only the int8 files (ranges, tuned weights) and fidelity record; weights, temperature and "
+                "guard stay."})
+    int8_tuning_steps: int = field(default=INT8_TUNING_STEPS, metadata={
+        "help": "Quantization-aware tuning of the int8 graph's stem and first stage, in steps of 16 training images "
+                "(about 18 minutes on 2 CPU cores for the default); 0: post-training int8 with them left float."})
     retune_logit_adjustment: bool = field(default=False, metadata={
         "help": "For a model trained with logit adjustment: choose its tau again on validation (0, 0.25, ..., 1: "
                 "the best balanced accuracy among the taus calibrated to --logit_adjustment_max_ece) before "
@@ -267,12 +272,15 @@ class CalibrateArguments:
             raise UserError("--int8_only and --guard_only keep the weights: drop --retune_logit_adjustment")
         if self.int8_only and self.guard_only:
             raise UserError("--int8_only and --guard_only each refit one part: pass one of them")
+        if self.int8_tuning_steps < 0:
+            raise UserError(f"--int8_tuning_steps must be 0 or more (got {self.int8_tuning_steps})")
 
 
 def calibrate(model_path: str, source: str, output: str | None = None, split_args: data.SplitArguments | None = None,
               bf16: bool | None = None, int8_only: bool = False, retune_tau: bool = False,
               max_ece: float | None = None, cached: dict[str, CachedImages] | None = None,
-              guard_only: bool = False, guard_negatives: str | None = None, guard_positives: str | None = None) -> dict:
+              guard_only: bool = False, guard_negatives: str | None = None, guard_positives: str | None = None,
+              int8_tuning_steps: int = INT8_TUNING_STEPS) -> dict:
     """`ham-hf calibrate`: calibrate a saved model (and fit its guard) on the split it was trained with.
 
     With `int8_only`, only the int8 ranges and fidelity record are refitted (after an ONNX Runtime
@@ -311,14 +319,15 @@ def calibrate(model_path: str, source: str, output: str | None = None, split_arg
             sections = {"guard": {**figures, **report_figures}}
         elif int8_only:
             guard = guard_lib.Guard.load(src / guard_lib.GUARD_FILE) if (src / guard_lib.GUARD_FILE).is_file() else None
-            figures = fit_int8(model, dc, cached, stage, guard)
+            figures = fit_int8(model, dc, cached, stage, guard, tuning_steps=int8_tuning_steps,
+                               guard_negatives=guard_negatives, guard_positives=guard_positives)
             sections = {"int8": figures} if figures else {}  # int8 not measurable here: the record stays
         else:
             tau_results, folded = ({}, head.head_temperature(src)) if not retune_tau else (
                 retune_logit_adjustment(model, dc, cached, src, bf16, max_ece or MAX_ECE))
             sections = calibrate_model(model, dc, cached, stage, bf16=bf16, write_reports=True,
                                        folded_temperature=folded, guard_negatives=guard_negatives,
-                                       guard_positives=guard_positives)
+                                       guard_positives=guard_positives, int8_tuning_steps=int8_tuning_steps)
             # The head's record: the tau folded before (or just chosen) beside the temperature now in it.
             kept = {k: v for k, v in results.load(src).get("head", {}).items() if k != "temperature"}
             sections["head"] = {**kept, **tau_results, **sections["head"]}
@@ -340,4 +349,5 @@ def run(args: CalibrateArguments, split_args: data.SplitArguments) -> dict:
     """`ham-hf calibrate` with its parsed options."""
     return calibrate(args.model, args.data, args.output_dir, split_args, args.bf16, args.int8_only,
                      args.retune_logit_adjustment, args.logit_adjustment_max_ece, guard_only=args.guard_only,
-                     guard_negatives=args.guard_negatives, guard_positives=args.guard_positives)
+                     guard_negatives=args.guard_negatives, guard_positives=args.guard_positives,
+                     int8_tuning_steps=args.int8_tuning_steps)

@@ -85,7 +85,8 @@ def push_dataset(dsd, repo_id: str, card, private: bool = False, token: str | No
 SOUP_FILE = "soup.csv"  # a model soup's steps (ham_hf.train.soup): which runs it averages, and why
 RECIPE_FILE = "recipe.json"  # the options a model was trained with: `ham-hf train DIR/recipe.json` retrains it
 MODEL_FILES = ("config.json", "model.safetensors", "README.md", "results.json", "split.csv", RECIPE_FILE,
-               "training_curves.png", "ood_guard.safetensors", "ood_images.json", "int8_ranges.json", SOUP_FILE)
+               "training_curves.png", "ood_guard.safetensors", "ood_images.json", "int8_ranges.json",
+               "int8_weights.safetensors", SOUP_FILE)
 MODEL_PATTERNS = ("*_metrics.json", "*_confusion_matrix.png", "*_per_class.csv", "*_reliability*.png")
 
 

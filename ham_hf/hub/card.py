@@ -291,17 +291,41 @@ def guard_section(guard: dict | None) -> str:
 
 
 def int8_section(int8: dict | None) -> str:
-    """The int8 fidelity gate's figures and what they decided."""
+    """How the int8 graph was made, the fidelity gate's figures and what they decided."""
     if not int8:
         return NOT_YET.format(step="measure int8 with `ham-hf calibrate --int8_only true` (needs onnxruntime)")
     verdict = ("the fidelity gate passed, so the app, `ham-hf predict` and `Classifier` serve int8 on the CPU by "
                "default (the stock `pipeline` runs the float32 weights)." if int8.get("passed") else
                "the fidelity gate failed, so float32 is served.")
-    guard = (f", the guard's verdicts agree on {100 * int8['ood_verdict_agreement']:.2f}%"
-             if _number(int8.get("ood_verdict_agreement")) else "")
-    return (f"`int8_ranges.json`: against float32 on the {int8.get('n_validation', 0):,} validation images, top-1 "
-            f"agreement {int8['top1_agreement']:.4f}, balanced accuracy {int8['balanced_accuracy_int8']:.4f} vs "
-            f"{int8['balanced_accuracy_fp32']:.4f}{guard}: {verdict}")
+    recipe = int8.get("recipe") or {}
+    tuning = recipe.get("tuning")
+    if tuning:
+        made = (f"The whole network before the head runs in int8 (`int8_ranges.json`, `int8_weights.safetensors`): "
+                f"the stem and first stage were fine-tuned quantization-aware for {tuning['steps']} steps of "
+                f"{tuning['batch_size']} training images to give the float32 model's outputs "
+                f"(`ham-hf calibrate --int8_only true --int8_tuning_steps {tuning['steps']}`).")
+    elif recipe:
+        made = (f"Post-training int8 (`int8_ranges.json`), float until input stride "
+                f"{recipe.get('float_until_stride')} (the stem and first stage) and in the head.")
+    else:
+        made = "`int8_ranges.json` (made by an older ham-hf: not served until `ham-hf calibrate --int8_only true`)."
+    external = (f", {int8['top1_agreement_external']:.4f} on {int8['n_external']} dermoscopic images from other "
+                "archives" if _number(int8.get("top1_agreement_external")) else "")
+    guard = (f", the guard's verdicts agree on {100 * int8['ood_verdict_agreement']:.2f}% of "
+             f"{int8.get('n_guard_images', 0):,} images" if _number(int8.get("ood_verdict_agreement")) else "")
+    rejected = "".join(
+        f" Not kept: the whole network in int8 after {r['recipe']['tuning']['steps']} tuning steps (top-1 agreement "
+        f"{r['top1_agreement']:.4f} on validation{_external(r)}), which failed the gate."
+        for r in int8.get("rejected", []) if (r.get("recipe") or {}).get("tuning"))
+    return (f"{made} Against float32: top-1 agreement {int8['top1_agreement']:.4f} on the "
+            f"{int8.get('n_validation', 0):,} validation images{external}, balanced accuracy "
+            f"{int8['balanced_accuracy_int8']:.4f} vs {int8['balanced_accuracy_fp32']:.4f}{guard}: {verdict}{rejected}")
+
+
+def _external(figures: dict) -> str:
+    """', X on other archives' dermoscopy' when the int8 figures have it."""
+    value = figures.get("top1_agreement_external")
+    return f", {value:.4f} on other archives' dermoscopy" if _number(value) else ""
 
 
 def evaluations_section(evaluations: dict) -> str:

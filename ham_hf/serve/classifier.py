@@ -177,10 +177,10 @@ class Classifier:
         if os.environ.get("HAM_ORT_SPIN", "1") == "0":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if backend in ("auto", "onnx-int8"):
-            reason = self._int8_refusal() if backend == "auto" else None
+            reason = self._int8_refusal(gate=backend == "auto")
             if reason is None:
                 try:
-                    path = export.cached_int8(self.model, self.data_config.size, self._model_file(export.INT8_RANGES))
+                    path = self._int8_graph()
                     self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                     return "onnx-int8"
                 except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
@@ -198,23 +198,54 @@ class Classifier:
 
         return Path(hf_hub_download(self.name, name))
 
-    def _int8_refusal(self) -> str | None:
-        """Why int8 is not the default for this model, or None when its fidelity check passed."""
+    def _int8_record(self) -> dict:
+        """The int8 section of the model's results record ({} when it has none)."""
         from ham_hf import results
 
+        record = results.load(self.name) if Path(self.name).is_dir() else results.read(self._model_file(results.FILE))
+        return record.get("int8") or {}
+
+    def _int8_refusal(self, gate: bool = True) -> str | None:
+        """Why int8 is not served for this model, or None when its files are the ones its fidelity check
+        measured for these weights (and, with `gate`, that check passed)."""
+        from ham_hf import results
+        from ham_hf.serve import export
+
         try:
-            record = results.load(self.name) if Path(self.name).is_dir() else \
-                results.read(self._model_file(results.FILE))
+            fidelity = self._int8_record()
         except Exception as exc:  # no record in the Hub repo, offline, or of another version
             return f"no readable {results.FILE} ({str(exc).splitlines()[0]})"
-        fidelity = record.get("int8")
         if not fidelity:
             return "the model's record has no int8 fidelity check (run `ham-hf calibrate --int8_only true`)"
-        if not fidelity.get("passed"):
+        made = fidelity.get("recipe", {}).get("format")
+        if made != export.INT8_FORMAT:
+            return (f"its int8 files are of {'an older' if (made or 0) < export.INT8_FORMAT else 'a newer'} format "
+                    f"({made or 1}, this ham-hf reads {export.INT8_FORMAT}); rerun `ham-hf calibrate --int8_only true`")
+        if gate and not fidelity.get("passed"):
             return (f"its fidelity check failed: top-1 agreement {fidelity.get('top1_agreement', float('nan')):.4f}, "
                     f"balanced accuracy {fidelity.get('balanced_accuracy_int8', float('nan')):.4f} vs fp32 "
                     f"{fidelity.get('balanced_accuracy_fp32', float('nan')):.4f}")
+        if fidelity.get("made_for") != export.backbone_digest(self.model):
+            return ("its int8 files were made for other weights (a bundled or retrained copy?); rerun "
+                    "`ham-hf calibrate --int8_only true`")
+        for name, digest in fidelity.get("files", {}).items():
+            try:
+                same = export.file_digest(self._model_file(name)) == digest
+            except Exception:  # missing locally, or not in the Hub repo
+                same = False
+            if not same:
+                return f"{name} is missing or not the file its fidelity check measured"
         return None
+
+    def _int8_graph(self) -> Path:
+        """The int8 graph the record's recipe builds from the files beside the model (cached)."""
+        from ham_hf.serve import export
+
+        fidelity = self._int8_record()
+        tuned = export.INT8_WEIGHTS in fidelity.get("files", {})
+        return export.cached_int8(self.model, self.data_config.size, self._model_file(export.INT8_RANGES),
+                                  fidelity.get("recipe", {}).get("float_until_stride", export.FLOAT_UNTIL_STRIDE),
+                                  self._model_file(export.INT8_WEIGHTS) if tuned else None)
 
     def decode(self, image) -> torch.Tensor:
         """One image (path, bytes or PIL) as the model's uint8 HWC square at its eval resize (bounded, checked)."""

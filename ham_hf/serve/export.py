@@ -88,7 +88,9 @@ def export_onnx(model, size: int, path: str | Path) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(_Outputs(model), (dummy,), str(tmp), input_names=["pixel_values"],
+        # The wrapper in eval mode too: the exporter restores the mode it found, recursively, and a wrapper
+        # left in training mode would leave the model's batch norms in training mode after the export.
+        torch.onnx.export(_Outputs(model).eval(), (dummy,), str(tmp), input_names=["pixel_values"],
                           output_names=list(OUTPUTS), dynamo=False,
                           dynamic_axes={name: {0: "batch"} for name in ("pixel_values", *OUTPUTS)})
     _map_through_identity(tmp)
@@ -188,22 +190,30 @@ def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- int8 (static, QDQ)
 
-# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with); the
-# fidelity check that decides whether int8 is served is the int8 section of its results record.
+# Beside the model: the activation ranges int8 needs (a Space has no HAM10000 to calibrate with), and
+# the weights quantization-aware tuning gave the stem and first stage (`ham_hf.finish.qat`); how they
+# were made and the fidelity check that decides whether int8 is served are the int8 section of its
+# results record.
 INT8_RANGES = "int8_ranges.json"
+INT8_WEIGHTS = "int8_weights.safetensors"
+# The version of those files and of the record's int8 section: files of another version are refused.
+INT8_FORMAT = 2
 # How activation ranges are measured (ONNX Runtime's CalibrationMethod name). The moving average
 # of per-batch extremes, not the extremes over all images: with plain MinMax, rare outliers set the
 # ranges of the later stages and their typical activations round to zero (research/README.md,
 # "int8 recipe").
 INT8_METHOD = "MinMax"
 INT8_OPTIONS = {"CalibMovingAverage": True}
-# The cumulative input stride up to which the graph stays float: the stem and the first stage, where
-# the image's fine detail still is (with everything quantized, top-1 agreement with fp32 fell below the
-# gate; research/README.md, "int8 recipe"). The head stays float too (tiny, and it alone sets the
-# temperature-sharpened probabilities).
+# Without quantization-aware tuning, the cumulative input stride up to which the graph stays float:
+# the stem and the first stage, whose post-training rounding costs the gate (research/README.md,
+# "int8 recipe"). With tuning nothing before the head is float (stride 0). The head stays float
+# either way (tiny, and it alone sets the temperature-sharpened probabilities).
 FLOAT_UNTIL_STRIDE = 4
-# Part of the int8 cache key: a change of the recipe above must not reuse an old build.
-INT8_RECIPE = f"{INT8_METHOD}:{sorted(INT8_OPTIONS.items())}:float-stride-{FLOAT_UNTIL_STRIDE}:float-head"
+
+
+def int8_recipe(float_until_stride: int) -> str:
+    """Part of the int8 cache key: a change of the recipe must not reuse an old build."""
+    return f"{INT8_METHOD}:{sorted(INT8_OPTIONS.items())}:float-stride-{float_until_stride}:float-head"
 
 
 class Int8Unavailable(RuntimeError):
@@ -220,8 +230,9 @@ class _Batches:
         return next(self._it, None)
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None) -> Path:
-    """Static int8 quantization by INT8_RECIPE (QDQ, per-channel int8 weights, uint8 activations).
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str | Path, batches=None,
+                  float_until_stride: int = FLOAT_UNTIL_STRIDE) -> Path:
+    """Static int8 quantization (QDQ, per-channel int8 weights, uint8 activations; `float_nodes` left float).
 
     With `batches` (preprocessed float32 arrays) the ranges are measured and written to `ranges_path`;
     without, the ranges already at `ranges_path` are used, so int8 can be built where no data is.
@@ -253,7 +264,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
             quantize_static(str(prepared), str(tmp_out), _Batches(batches) if batches is not None else None,
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, INT8_METHOD),
-                            nodes_to_exclude=float_nodes(onnx.load(str(prepared)).graph),
+                            nodes_to_exclude=float_nodes(onnx.load(str(prepared)).graph, float_until_stride),
                             extra_options=dict(INT8_OPTIONS), calibration_cache_path=str(ranges_path))
         except TypeError as exc:  # an ONNX Runtime older than calibration caches
             raise Int8Unavailable(f"this ONNX Runtime cannot reuse calibration ranges ({exc})") from None
@@ -263,26 +274,73 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
     return out_path
 
 
-def float_nodes(graph) -> list[str]:
-    """The nodes int8 leaves float: all before the graph's stride passes FLOAT_UNTIL_STRIDE, the head, the texture."""
-    names, stride, early = [], 1, True
+def float_nodes(graph, float_until_stride: int = FLOAT_UNTIL_STRIDE) -> list[str]:
+    """The nodes int8 leaves float: all before the graph's stride passes float_until_stride, the head, the texture."""
+    names, stride, early = [], 1, float_until_stride > 0
     for node in graph.node:  # ONNX keeps nodes in topological order
         if early and node.op_type in ("Conv", "MaxPool", "AveragePool"):
             stride *= max(next((list(a.ints) for a in node.attribute if a.name == "strides"), [1]))
-            early = stride <= FLOAT_UNTIL_STRIDE
+            early = stride <= float_until_stride
         if early or node.op_type in ("Gemm", "MatMul", "GlobalAveragePool", "Flatten") or \
                 node.name.startswith("/texture/"):
             names.append(node.name)
     return names
 
 
-def cached_int8(model, size: int, ranges_path: str | Path) -> Path:
-    """The cached int8 build of these weights and ranges, quantizing the fp32 export first if needed."""
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (how the results record names the int8 files it was measured with)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def backbone_digest(model) -> str:
+    """A digest of the weights int8 files are made for: all but the head's (the head stays float in int8,
+    and calibration rescales it)."""
+    from ham_hf.model import head
+
+    head_memory = {t.data_ptr() for t in head(model).state_dict().values()}
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() not in head_memory:
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().float().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def with_int8_weights(model, weights_path: str | Path):
+    """A copy of the model with the tuned tensors of weights_path in place (the int8 graph's float weights)."""
+    from safetensors.torch import load_file
+
+    try:
+        tuned = load_file(str(weights_path))
+    except Exception as exc:
+        raise Int8Unavailable(f"cannot read {Path(weights_path).name} ({str(exc).splitlines()[0]})") from None
+    return with_tensors(model, tuned, Path(weights_path).name)
+
+
+def with_tensors(model, tensors: dict, source: str = "the tuned weights"):
+    """A copy of the model with these tensors of its timm network (by state-dict name) in place."""
+    import copy
+
+    state = model.timm_model.state_dict()
+    wrong = [k for k, v in tensors.items() if k not in state or state[k].shape != v.shape]
+    if wrong:
+        raise Int8Unavailable(f"{source} has {len(wrong)} tensors this model lacks (such as {wrong[0]}): it "
+                              "belongs to another model; rerun `ham-hf calibrate --int8_only true`")
+    out = copy.deepcopy(model)
+    out.timm_model.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
+    return out
+
+
+def cached_int8(model, size: int, ranges_path: str | Path, float_until_stride: int = FLOAT_UNTIL_STRIDE,
+                weights_path: str | Path | None = None) -> Path:
+    """The cached int8 build of these weights (tuned weights_path in place) and ranges, exported first if needed."""
     ranges_path = Path(ranges_path)
     if not ranges_path.is_file():
         raise Int8Unavailable(f"no {ranges_path.name} beside the model")
-    digest = hashlib.sha256(ranges_path.read_bytes() + INT8_RECIPE.encode()).hexdigest()[:12]
+    if weights_path is not None:
+        model = with_int8_weights(model, weights_path)
+    digest = hashlib.sha256(ranges_path.read_bytes() + int8_recipe(float_until_stride).encode()).hexdigest()[:12]
     path = cache_dir() / f"{weights_digest(model, size)}-{digest}-int8.onnx"
     if path.is_file():
         return path
-    return quantize_int8(cached_onnx(model, size), path, ranges_path)
+    return quantize_int8(cached_onnx(model, size), path, ranges_path, float_until_stride=float_until_stride)

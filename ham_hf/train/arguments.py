@@ -93,9 +93,11 @@ class RecipeArguments:
     )
     calibrate_int8: bool = field(
         default=True,
-        metadata={"help": "With --calibrate: also measure the int8 ranges and gate int8 against fp32 (ONNX Runtime, "
-                          "on the CPU cores). false leaves it to `ham-hf calibrate --int8_only true` on the chosen "
-                          "model: on a GPU machine int8 runs on its CPU cores, which parallel runs share."},
+        metadata={"help": "With --calibrate: also make the int8 graph (quantization-aware tuning of the whole "
+                          "network, about 20 minutes on 2 CPU cores, else the stem and first stage float) and gate "
+                          "it against fp32 (ONNX Runtime, on the CPU cores). false leaves it to `ham-hf calibrate "
+                          "--int8_only true` on the chosen model: on a GPU machine int8 runs on its CPU cores, which "
+                          "parallel runs share."},
     )
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (GPU and CPU)."})
     ema_decay: float = field(
