@@ -177,10 +177,16 @@ class Classifier:
         if os.environ.get("HAM_ORT_SPIN", "1") == "0":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if backend in ("auto", "onnx-int8"):
-            reason = self._int8_refusal(gate=backend == "auto")
+            try:
+                fidelity, reason = self._int8_record(), None
+            except Exception as exc:  # no record in the Hub repo, offline, or of another version
+                from ham_hf.results import FILE
+
+                fidelity, reason = {}, f"no readable {FILE} ({str(exc).splitlines()[0]})"
+            reason = reason or self._int8_refusal(fidelity, gate=backend == "auto")
             if reason is None:
                 try:
-                    path = self._int8_graph()
+                    path = self._int8_graph(fidelity)
                     self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                     return "onnx-int8"
                 except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
@@ -205,16 +211,11 @@ class Classifier:
         record = results.load(self.name) if Path(self.name).is_dir() else results.read(self._model_file(results.FILE))
         return record.get("int8") or {}
 
-    def _int8_refusal(self, gate: bool = True) -> str | None:
-        """Why int8 is not served for this model, or None when its files are the ones its fidelity check
-        measured for these weights (and, with `gate`, that check passed)."""
-        from ham_hf import results
+    def _int8_refusal(self, fidelity: dict, gate: bool = True) -> str | None:
+        """Why int8 is not served for this model by its record's int8 section, or None when its files are the
+        ones its fidelity check measured for these weights (and, with `gate`, that check passed)."""
         from ham_hf.serve import export
 
-        try:
-            fidelity = self._int8_record()
-        except Exception as exc:  # no record in the Hub repo, offline, or of another version
-            return f"no readable {results.FILE} ({str(exc).splitlines()[0]})"
         if not fidelity:
             return "the model's record has no int8 fidelity check (run `ham-hf calibrate --int8_only true`)"
         made = fidelity.get("recipe", {}).get("format")
@@ -237,11 +238,11 @@ class Classifier:
                 return f"{name} is missing or not the file its fidelity check measured"
         return None
 
-    def _int8_graph(self) -> Path:
-        """The int8 graph the record's recipe builds from the files beside the model (cached)."""
+    def _int8_graph(self, fidelity: dict | None = None) -> Path:
+        """The int8 graph the record's int8 section (read when not given) builds from the files beside the model."""
         from ham_hf.serve import export
 
-        fidelity = self._int8_record()
+        fidelity = self._int8_record() if fidelity is None else fidelity
         tuned = export.INT8_WEIGHTS in fidelity.get("files", {})
         return export.cached_int8(self.model, self.data_config.size, self._model_file(export.INT8_RANGES),
                                   fidelity.get("recipe", {}).get("float_until_stride", export.FLOAT_UNTIL_STRIDE),
