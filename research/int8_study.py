@@ -13,9 +13,14 @@ shipped recipe), `float2` (the stem convolution float), `all` (every convolution
 weights' per-channel ranges across each ReLU (cross-layer equalisation, Nagel et al., ICCV 2019: the
 stem into layer1's first block, and inside every bottleneck), which leaves the float model's outputs
 as they were (checked) and is then quantized by the rest of the recipe;
+an `ae<alpha>:` prefix (`aestem<alpha>:` for the stem alone) equalises the activations instead: each
+rescalable ReLU output's channels multiplied by (widest / own peak)^alpha on the calibration images,
+their consumers' input channels divided by the same (SmoothQuant-style, Xiao et al. 2023);
 calibration `minmax-ma` (moving average of batch extremes), `minmax`, `percentile` (99.999th), `entropy`.
 Recipe `tuned<N>` (`tuned300`) is `all-minmax-ma` followed by `ham-hf calibrate`'s quantization-aware
-tuning of the stem and first stage for N steps (`ham_hf.finish.int8.tune_int8`, on the training split).
+tuning of the stem and first stage for N steps (`ham_hf.finish.int8.tune_int8`, on the training split);
+`tunedall<N>@<rate>` tunes every backbone layer, the rest at that rate, with every activation's step
+size learned; a `+bal` suffix draws the classes alike, `+kl<w>` adds a KL term of weight w.
 With `--openvino` each graph is also compiled by OpenVINO (the same QDQ file) and read the same way.
 """
 
@@ -72,17 +77,24 @@ def _bn_scale(bn) -> torch.Tensor:
     return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
 
 
+def _equalisable(net, stem_only: bool) -> list:
+    """(conv, BN, consumers) pairs whose output channels can be rescaled: the stem into layer1's first block,
+    and (unless `stem_only`) the two inner activations of every bottleneck."""
+    pairs = [(net.conv1, net.bn1, [net.layer1[0].conv1, net.layer1[0].downsample[0]])]
+    if not stem_only:
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in stage:
+                pairs += [(block.conv1, block.bn1, [block.conv2]), (block.conv2, block.bn2, [block.conv3])]
+    return pairs
+
+
 @torch.no_grad()
 def equalise(net) -> None:
     """Cross-layer equalisation of a timm ResNet in place: each (conv, BN) -> ReLU -> consumers pair gets output
     channel c divided by s_c in the BN and input channel c of the consumers multiplied by s_c, with
     s_c = sqrt(r1_c / r2_c) from the folded producer's and the consumers' weight ranges (ReLU and max-pool
     commute with a positive per-channel scale)."""
-    pairs = [(net.conv1, net.bn1, [net.layer1[0].conv1, net.layer1[0].downsample[0]])]
-    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-        for block in stage:
-            pairs += [(block.conv1, block.bn1, [block.conv2]), (block.conv2, block.bn2, [block.conv3])]
-    for conv, bn, consumers in pairs:
+    for conv, bn, consumers in _equalisable(net, stem_only=False):
         r1 = (conv.weight.abs().flatten(1).amax(1) * _bn_scale(bn).abs())
         r2 = torch.stack([c.weight.abs().transpose(0, 1).flatten(1).amax(1) for c in consumers]).amax(0)
         s = torch.sqrt(r1 / r2.clamp(min=1e-8)).clamp(min=1e-3, max=1e3)
@@ -90,6 +102,33 @@ def equalise(net) -> None:
         bn.bias.div_(s)
         for c in consumers:
             c.weight.mul_(s.view(1, -1, 1, 1))
+
+
+@torch.no_grad()
+def equalise_activations(net, batches, alpha: float, stem_only: bool) -> None:
+    """Activation equalisation in place (SmoothQuant-style, Xiao et al. 2023, for a per-tensor uint8 grid):
+    each rescalable ReLU output's channel c is multiplied by (a_max / a_c)^alpha, a_c its largest value on the
+    calibration batches, and its consumers' input channel c divided by the same, so that small channels use
+    more of the tensor's grid (alpha 1: every channel the range of the widest; 0: unchanged)."""
+    pairs = _equalisable(net, stem_only)
+    peaks: dict[int, torch.Tensor] = {}
+    handles = [bn.register_forward_hook(
+        lambda m, a, out, k=k: peaks.__setitem__(k, torch.maximum(peaks.get(k, out.new_zeros(out.shape[1])),
+                                                                   out.clamp(min=0).amax((0, 2, 3)))))
+        for k, (_, bn, _) in enumerate(pairs)]
+    try:
+        for b in batches:
+            net(torch.from_numpy(b))
+    finally:
+        for h in handles:
+            h.remove()
+    for k, (_, bn, consumers) in enumerate(pairs):
+        a = peaks[k].clamp(min=1e-3)
+        s = (a.max() / a) ** alpha  # the factor channel c's activations are multiplied by
+        bn.weight.mul_(s)
+        bn.bias.mul_(s)
+        for c in consumers:
+            c.weight.div_(s.view(1, -1, 1, 1))
 
 
 def p50_ms(path: Path, batches) -> float:
@@ -175,7 +214,7 @@ def main() -> None:
     fp32 = export.export_onnx(clf.model.float(), dc.size, work / "fp32.onnx")
     ref_val, ref_ext = _onnx_outputs(fp32, val_batches)[0], _onnx_outputs(fp32, ext_batches)[0]
     logging.info("%s", json.dumps({"recipe": "fp32", "p50_ms": p50_ms(fp32, val_batches)}))
-    equalised = train_images = None
+    equalised, train_images, balanced = None, None, {}
     for recipe in args.recipes.split(","):
         start = time.perf_counter()
         source = fp32
@@ -189,14 +228,33 @@ def main() -> None:
                 moved = np.abs(_onnx_outputs(equalised, val_batches)[0] - ref_val).max()
                 logging.info("equalised: largest logit change on validation %.2e", moved)
             source = equalised
+        if recipe.startswith("ae"):  # activation equalisation: ae<alpha>: (every pair) or aestem<alpha>: (stem only)
+            prefix = recipe.split(":")[0]
+            if prefix not in balanced:
+                import copy
+
+                model = copy.deepcopy(clf.model).float().eval()
+                stem_only = prefix.startswith("aestem")
+                equalise_activations(model.timm_model, calibration,
+                                     float(prefix.removeprefix("aestem" if stem_only else "ae")), stem_only)
+                balanced[prefix] = export.export_onnx(model, dc.size, work / f"fp32-{prefix}.onnx")
+                moved = np.abs(_onnx_outputs(balanced[prefix], val_batches)[0] - ref_val).max()
+                logging.info("%s: largest logit change on validation %.2e", prefix, moved)
+            source = balanced[prefix]
         if recipe.startswith("tuned"):  # every convolution int8, then `ham-hf calibrate`'s tuning for N steps
             untuned = build("all-minmax-ma", fp32, work / f"{recipe}-untuned.onnx", calibration)
             if train_images is None:
                 train_images = cache_split(dsd["train"], dc)
+            # tunedall<N>@<rate>: every backbone layer tuned, beyond the stem and first stage at that rate
+            # ...+bal: classes drawn alike; ...+kl<w>: a KL term of weight w on the probabilities
+            name, *options = recipe.split("+")
+            steps, _, rest_lr = name.removeprefix("tunedall" if name.startswith("tunedall") else "tuned").partition("@")
+            kl = [float(o.removeprefix("kl")) for o in options if o.startswith("kl")]
             int8 = tune_int8(clf.model, dc, train_images, untuned, untuned.with_suffix(".ranges.json"), work,
-                             int(recipe.removeprefix("tuned")))[1]
+                             int(steps), rest_lr=float(rest_lr or 0), balanced="bal" in options,
+                             kl_weight=kl[0] if kl else 0.0)[1]
         else:
-            int8 = build(recipe.removeprefix("cle:"), source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
+            int8 = build(recipe.split(":")[-1], source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
         built = time.perf_counter() - start
         row = {"recipe": recipe, "build_s": round(built, 1), "p50_ms": p50_ms(int8, val_batches),
                "validation": agreement(ref_val, _onnx_outputs(int8, val_batches)[0], y_val),

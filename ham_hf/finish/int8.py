@@ -66,15 +66,18 @@ def _guard_images(data_config, negatives, positives, codes: dict) -> tuple:
 
 
 def tune_int8(model, data_config, train: CachedImages, untuned: Path, ranges: Path, work: Path, steps: int,
-              seed: int = 0) -> tuple[dict, Path]:
+              seed: int = 0, rest_lr: float = 0.0, balanced: bool = False, kl_weight: float = 0.0
+              ) -> tuple[dict, Path]:
     """Quantization-aware tuning of the stem and first stage, fake-quantised as the all-int8 graph `untuned` runs.
 
-    Their learned activation ranges replace the measured ones in `ranges`. Returns the tuned tensors and
+    Their learned activation ranges replace the measured ones in `ranges`; `rest_lr`, `balanced` and
+    `kl_weight` are `qat.tune`'s research options (`balanced`: classes drawn alike). Returns the tuned tensors and
     the int8 graph built from them and those ranges (nothing float before the head).
     """
     tuned, learned = qat.tune(model, train.images, data_config, qat.activation_quantization(untuned), steps,
                               batch_size=INT8_TUNING_BATCH, lr=INT8_TUNING_LR, seed=seed,
-                              shared=qat.shared_quantization(untuned))
+                              shared=qat.shared_quantization(untuned), rest_lr=rest_lr,
+                              labels=train.labels if balanced else None, kl_weight=kl_weight)
     qat.write_ranges(ranges, learned)
     served = export.with_tensors(model, tuned)
     graph = export.quantize_int8(export.export_onnx(served, data_config.size, work / "tuned.onnx"),

@@ -131,9 +131,9 @@ def _learned_activation(scale: float, zero: int, log_factor: torch.Tensor):
     return round_
 
 
-def tuned_tensor(tensor: str) -> bool:
-    """Is this graph tensor an activation of the tuned part (TUNED_MODULES; the graph's input is not)?"""
-    return tensor != "pixel_values" and module_path(tensor).split(".")[0] in TUNED_MODULES
+def tuned_tensor(tensor: str, every_layer: bool = False) -> bool:
+    """Is this graph tensor an activation of the tuned part (TUNED_MODULES, or any layer; not the graph input)?"""
+    return tensor != "pixel_values" and (every_layer or module_path(tensor).split(".")[0] in TUNED_MODULES)
 
 
 @contextlib.contextmanager
@@ -176,15 +176,18 @@ def tuned_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
 
 def tune(model, images: torch.Tensor, data_config, activations: dict[str, tuple[float, int]], steps: int,
          batch_size: int = 16, lr: float = 2e-5, feature_weight: float = 0.1, seed: int = 0,
-         shared: dict[str, str] | None = None
-         ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, int]]]:
+         shared: dict[str, str] | None = None, rest_lr: float = 0.0, labels: torch.Tensor | None = None,
+         kl_weight: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, int]]]:
     """Fine-tune a copy's stem and first stage, fake-quantised, to give `model`'s logits and features.
 
     `images` are the model's cached uint8 squares (training images), read at the eval crop with random
     flips; the batch norms keep their statistics (they are folded into the int8 convolutions). The tuned
     part's activation step sizes are learned too, a pooling's tied to its input's (`shared`, from
-    `shared_quantization`). Returns the tuned tensors by state-dict name of the timm network, and the
-    (scale, zero point) of the activations whose step sizes were learned.
+    `shared_quantization`). Research options (`research/int8_study.py`'s `tunedall` recipes; none helped
+    enough to be the product's): `rest_lr` > 0 tunes the rest of the backbone too, at that rate, with every
+    activation's step size learned; `labels` draws every class alike; `kl_weight` adds a KL term on the
+    probabilities. Returns the tuned tensors by state-dict name of the timm network, and the (scale, zero
+    point) of the activations whose step sizes were learned.
     """
     import copy
 
@@ -197,21 +200,27 @@ def tune(model, images: torch.Tensor, data_config, activations: dict[str, tuple[
     for p in net.parameters():
         p.requires_grad_(False)
     params = tuned_parameters(net)
-    for p in params.values():
+    head_ids = {id(p) for p in model_lib.head(student).parameters()}
+    rest = {n: p for n, p in net.named_parameters() if n not in params and id(p) not in head_ids} if rest_lr else {}
+    for p in [*params.values(), *rest.values()]:
         p.requires_grad_(True)
     pairs = folded_pairs(net, data_config.size)
     pre = Preprocess(data_config)
     shared = shared or {}
-    learned = {t: torch.zeros((), requires_grad=True) for t in activations if tuned_tensor(t) and t not in shared}
+    learned = {t: torch.zeros((), requires_grad=True) for t in activations
+               if tuned_tensor(t, every_layer=bool(rest)) and t not in shared}
     learned.update({out: learned[src] for out, src in shared.items() if src in learned and out in activations})
-    opt = torch.optim.Adam([{"params": list(params.values())},
+    opt = torch.optim.Adam([{"params": list(params.values())}, {"params": list(rest.values()), "lr": rest_lr},
                             {"params": list({id(f): f for f in learned.values()}.values()), "lr": RANGE_LR}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     gen = torch.Generator().manual_seed(seed)
+    # With labels, every class is drawn alike: the gate's balanced accuracy weighs the rare classes as the common.
+    draw = (1.0 / torch.bincount(labels).float())[labels] if labels is not None else None
     start, running = time.perf_counter(), None
     with fake_quantized(net, activations, pairs, learned):
         for step in range(steps):
-            pick = torch.randint(len(images), (batch_size,), generator=gen)
+            pick = torch.multinomial(draw, batch_size, replacement=True, generator=gen) if draw is not None else \
+                torch.randint(len(images), (batch_size,), generator=gen)
             x = pre(images[pick], train=False)
             flips = torch.rand(2, generator=gen) < 0.5
             x = torch.flip(x, dims=[d for d, f in zip((2, 3), flips.tolist()) if f]) if flips.any() else x
@@ -219,7 +228,9 @@ def tune(model, images: torch.Tensor, data_config, activations: dict[str, tuple[
                 t_features, t_logits = model_lib.features_and_logits(teacher, x)
             s_features, s_logits = model_lib.features_and_logits(student, x)
             loss = F.mse_loss(s_logits, t_logits) + \
-                feature_weight * F.mse_loss(s_features, t_features) / t_features.square().mean()
+                feature_weight * F.mse_loss(s_features, t_features) / t_features.square().mean() + \
+                kl_weight * F.kl_div(F.log_softmax(s_logits, 1), F.log_softmax(t_logits, 1), log_target=True,
+                                     reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -233,7 +244,7 @@ def tune(model, images: torch.Tensor, data_config, activations: dict[str, tuple[
         factors = torch.stack([f.detach().exp() for f in learned.values()])
         logger.info("int8 tuning: %d activation ranges learned, step sizes x%.2f to x%.2f", len(learned),
                     factors.min(), factors.max())
-    return {n: p.detach().clone() for n, p in params.items()}, scales
+    return {n: p.detach().clone() for n, p in {**params, **rest}.items()}, scales
 
 
 def write_ranges(ranges_path: str | Path, quantization: dict[str, tuple[float, int]]) -> None:
