@@ -214,33 +214,27 @@ def main() -> None:
     fp32 = export.export_onnx(clf.model.float(), dc.size, work / "fp32.onnx")
     ref_val, ref_ext = _onnx_outputs(fp32, val_batches)[0], _onnx_outputs(fp32, ext_batches)[0]
     logging.info("%s", json.dumps({"recipe": "fp32", "p50_ms": p50_ms(fp32, val_batches)}))
-    equalised, train_images, balanced = None, None, {}
+    train_images, sources = None, {}
     for recipe in args.recipes.split(","):
         start = time.perf_counter()
         source = fp32
-        if recipe.startswith("cle:"):
-            if equalised is None:
+        prefix = recipe.split(":")[0]
+        equivalent = prefix == "cle" or prefix.startswith("ae")  # cle: / ae<alpha>: / aestem<alpha>:
+        if equivalent:  # an equivalent float model, made once a prefix
+            if prefix not in sources:
                 import copy
 
                 model = copy.deepcopy(clf.model).float().eval()
-                equalise(model.timm_model)
-                equalised = export.export_onnx(model, dc.size, work / "fp32-cle.onnx")
-                moved = np.abs(_onnx_outputs(equalised, val_batches)[0] - ref_val).max()
-                logging.info("equalised: largest logit change on validation %.2e", moved)
-            source = equalised
-        if recipe.startswith("ae"):  # activation equalisation: ae<alpha>: (every pair) or aestem<alpha>: (stem only)
-            prefix = recipe.split(":")[0]
-            if prefix not in balanced:
-                import copy
-
-                model = copy.deepcopy(clf.model).float().eval()
-                stem_only = prefix.startswith("aestem")
-                equalise_activations(model.timm_model, calibration,
-                                     float(prefix.removeprefix("aestem" if stem_only else "ae")), stem_only)
-                balanced[prefix] = export.export_onnx(model, dc.size, work / f"fp32-{prefix}.onnx")
-                moved = np.abs(_onnx_outputs(balanced[prefix], val_batches)[0] - ref_val).max()
+                if prefix == "cle":
+                    equalise(model.timm_model)
+                else:  # activation equalisation: ae<alpha> (every pair) or aestem<alpha> (the stem only)
+                    stem_only = prefix.startswith("aestem")
+                    equalise_activations(model.timm_model, calibration,
+                                         float(prefix.removeprefix("aestem" if stem_only else "ae")), stem_only)
+                sources[prefix] = export.export_onnx(model, dc.size, work / f"fp32-{prefix}.onnx")
+                moved = np.abs(_onnx_outputs(sources[prefix], val_batches)[0] - ref_val).max()
                 logging.info("%s: largest logit change on validation %.2e", prefix, moved)
-            source = balanced[prefix]
+            source = sources[prefix]
         if recipe.startswith("tuned"):  # every convolution int8, then `ham-hf calibrate`'s tuning for N steps
             untuned = build("all-minmax-ma", fp32, work / f"{recipe}-untuned.onnx", calibration)
             if train_images is None:
@@ -254,7 +248,8 @@ def main() -> None:
                              int(steps), rest_lr=float(rest_lr or 0), balanced="bal" in options,
                              kl_weight=kl[0] if kl else 0.0)[1]
         else:
-            int8 = build(recipe.split(":")[-1], source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
+            rest = recipe.removeprefix(f"{prefix}:") if equivalent else recipe
+            int8 = build(rest, source, work / f"{recipe.replace(':', '_')}.onnx", calibration)
         built = time.perf_counter() - start
         row = {"recipe": recipe, "build_s": round(built, 1), "p50_ms": p50_ms(int8, val_batches),
                "validation": agreement(ref_val, _onnx_outputs(int8, val_batches)[0], y_val),
