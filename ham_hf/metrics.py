@@ -33,6 +33,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return scipy_softmax(np.asarray(logits, dtype=np.float64), axis=1)
 
 
+def top_margin(logits: np.ndarray) -> np.ndarray:
+    """Each row's largest logit minus its second: how far the decision is from flipping."""
+    top2 = np.sort(np.asarray(logits, dtype=np.float64), axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 # Bootstrap resamples of a split report's confidence intervals (lesions resampled, seeded).
 N_BOOTSTRAP = 1000
 

@@ -1,5 +1,5 @@
-"""int8 for the CPU: activation ranges measured on training images, quantization-aware tuning, and the
-fidelity gate against fp32."""
+"""int8 for the CPU: activation ranges measured on training images, quantization-aware tuning, the cascade
+(float32 for int8's close calls), and the fidelity gate against fp32."""
 
 from __future__ import annotations
 
@@ -28,7 +28,17 @@ logger = logging.getLogger(__name__)
 # balanced accuracy on validation, and the guard's verdicts on validation, the guard's folders and
 # the bundled non-dermoscopic images.
 INT8_GATE = {"top1_agreement": 0.99, "top1_agreement_external": 0.99, "balanced_accuracy_drop": 0.005,
-             "ood_verdict_agreement": 0.99}
+             "ood_verdict_agreement": 0.99, "cascade_max_sent": 0.2}
+# The cascade: a whole-network graph that fails the gate can still answer every image whose decision is
+# clear, float32 recomputing the close calls (int8's top logit minus its second under a margin), and is
+# then gated like any graph. Only an int8 flip needs a small margin: 3.4% of validation flips, and 0.75
+# of a logit sends 8% to float32 and keeps 0.993 (research/README.md, "Whole-network int8: a cascade").
+# The margin is the smallest that keeps CASCADE_AGREEMENT of float32's decisions on CASCADE_FIT_IMAGES
+# training images the ranges were not measured on; validation and other archives then judge it. With
+# more than `cascade_max_sent` of validation sent to float32 it would be slower than the graph with the
+# stem and first stage float (13.5 + 0.2 x 38.8 ms against 22.7 on the 2-core EPYC), so it fails.
+CASCADE_FIT_IMAGES = 1000
+CASCADE_AGREEMENT = 0.998
 # Quantization-aware tuning's schedule (`ham-hf calibrate --int8_tuning_steps`; 0: post-training
 # quantization with the stem and first stage float). 300 steps of 16 images: about 18 minutes on 2
 # CPU cores (docs/benchmarks.md).
@@ -46,6 +56,24 @@ def _onnx_outputs(path: Path, batches) -> tuple[np.ndarray, np.ndarray, np.ndarr
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     outs = [session.run(["logits", "features", "texture"], {"pixel_values": b}) for b in batches]
     return tuple(np.concatenate([o[k] for o in outs]) for k in range(3))
+
+
+def cascade_margin(z32: np.ndarray, z8: np.ndarray, keep: float = CASCADE_AGREEMENT) -> float:
+    """The smallest int8 margin under which sending images to float32 keeps `keep` of float32's decisions."""
+    margins = metrics.top_margin(z8)
+    flips = np.sort(margins[z32.argmax(1) != z8.argmax(1)])
+    allowed = int(np.floor((1 - keep) * len(z8) + 1e-9))  # flips the cascade may leave
+    if len(flips) <= allowed:
+        return 0.0
+    return float(np.nextafter(flips[len(flips) - allowed - 1], np.inf))  # just above the widest flip it sends
+
+
+def cascaded(out32: tuple, out8: tuple, margin: float | None) -> tuple[tuple, np.ndarray]:
+    """int8 outputs with the rows whose int8 margin is under `margin` taken from float32, and which rows those are."""
+    if margin is None:
+        return out8, np.zeros(len(out8[0]), dtype=bool)
+    sent = metrics.top_margin(out8[0]) < margin
+    return tuple(np.where(sent[:, None], a, b) for a, b in zip(out32, out8)), sent
 
 
 def _float_batches(images: torch.Tensor, data_config, batch_size: int = 32) -> list[np.ndarray]:
@@ -85,7 +113,8 @@ def tune_int8(model, data_config, train: CachedImages, untuned: Path, ranges: Pa
     return tuned, graph
 
 
-def _recipe(float_until_stride: int, tuning_steps: int, n_calibration: int, seed: int) -> dict:
+def _recipe(float_until_stride: int, tuning_steps: int, n_calibration: int, seed: int, margin: float | None = None,
+            n_fit: int = 0) -> dict:
     """How an int8 graph is made, as the results record keeps it (what the classifier rebuilds it by)."""
     return {"format": export.INT8_FORMAT, "float_until_stride": float_until_stride,
             "calibration": f"{export.INT8_METHOD} {export.INT8_OPTIONS} on {n_calibration} training images "
@@ -93,17 +122,22 @@ def _recipe(float_until_stride: int, tuning_steps: int, n_calibration: int, seed
             "tuning": {"steps": tuning_steps, "batch_size": INT8_TUNING_BATCH, "lr": INT8_TUNING_LR,
                        "tuned": list(qat.TUNED_MODULES), "ranges": "learned", "seed": seed}
             if tuning_steps else None,
+            "cascade": {"margin": margin, "fallback": "fp32",
+                        "fitted_on": f"{n_fit} training images (seed {seed}), {CASCADE_AGREEMENT} of float32's "
+                                     "decisions kept"} if margin is not None else None,
             "onnxruntime": importlib.import_module("onnxruntime").__version__, "torch": torch.__version__}
 
 
 def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Path, guard: guard_lib.Guard | None,
              n_calibration: int = 300, seed: int = 0, tuning_steps: int = INT8_TUNING_STEPS,
              guard_negatives=None, guard_positives=None) -> dict:
-    """Make the int8 graph and gate it against fp32: the whole network tuned, else the stem and first stage float.
+    """Make the int8 graph and gate it against fp32: the whole network tuned, alone or with float32 answering its
+    close calls, else the stem and first stage float.
 
     With `tuning_steps` > 0 the whole network (but the head) is quantized and its stem and first stage
-    tuned quantization-aware (`tune_int8`); when that graph fails the gate, or without tuning, the
-    post-training graph with the stem and first stage float (FLOAT_UNTIL_STRIDE) is measured. The
+    tuned quantization-aware (`tune_int8`); when that graph fails the gate, the cascade is measured (its
+    margin fitted by `cascade_margin` on other training images); when that fails too, or without tuning,
+    the post-training graph with the stem and first stage float (FLOAT_UNTIL_STRIDE) is measured. The
     first that passes (else the last) is kept: INT8_RANGES (and INT8_WEIGHTS when tuned) written into
     output_dir, and the results record's int8 section returned: its fidelity figures, `passed` (whether
     int8 is served), how it was made (`recipe`), what for (`made_for`, `files`), and the graphs it beat
@@ -118,10 +152,21 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
     from safetensors.torch import save_file
 
     train = cached["train"]
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_calibration]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    pick = order[:n_calibration]
     batches = _float_batches(train.images[pick], data_config)
+    # The cascade's margin is fitted on training images that neither the ranges nor the tuning saw: tuned on
+    # them, int8 agrees with float32 there more than on new images (the calibration images when there are no others).
+    fit = order[n_calibration:n_calibration + CASCADE_FIT_IMAGES]
+    tuning_set = train
+    if len(fit):
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[fit] = False
+        tuning_set = CachedImages(train.images[rest], train.labels[rest].tolist())
+    else:
+        fit = pick[:CASCADE_FIT_IMAGES]
     others = _guard_images(data_config, guard_negatives, guard_positives, dict(model.config.label2id))
-    tried = []
+    tried, outputs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cpu_model = copy.deepcopy(model).float().cpu().eval()  # ONNX export traces on the CPU, wherever training ran
@@ -136,10 +181,18 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
                 return {}
             tuned = None
             if stride == 0:
-                tuned, int8 = tune_int8(cpu_model, data_config, train, int8, ranges, work, tuning_steps, seed)
-            figures = judge_int8(fp32, int8, data_config, cached["validation"], guard, *others)
-            figures.update(n_calibration_images=int(len(pick)),
-                           recipe=_recipe(stride, tuning_steps if tuned else 0, len(pick), seed))
+                tuned, int8 = tune_int8(cpu_model, data_config, tuning_set, int8, ranges, work, tuning_steps, seed)
+            steps = tuning_steps if tuned is not None else 0
+            figures = judge_int8(fp32, int8, data_config, cached["validation"], guard, *others, outputs=outputs)
+            figures.update(n_calibration_images=int(len(pick)), recipe=_recipe(stride, steps, len(pick), seed))
+            if stride == 0 and not figures["passed"]:  # int8 for the clear decisions, float32 for the close calls
+                tried.append(figures)
+                fit_batches = _float_batches(train.images[fit], data_config)
+                margin = cascade_margin(_onnx_outputs(fp32, fit_batches)[0], _onnx_outputs(int8, fit_batches)[0])
+                figures = judge_int8(fp32, int8, data_config, cached["validation"], guard, *others, margin=margin,
+                                     outputs=outputs)
+                figures.update(n_calibration_images=int(len(pick)),
+                               recipe=_recipe(stride, steps, len(pick), seed, margin, len(fit)))
             tried.append(figures)
             if figures["passed"]:
                 break
@@ -150,7 +203,8 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
                       metadata={"format": "pt"})
     chosen = tried[-1]
     chosen["rejected"] = [{k: t[k] for k in ("recipe", "top1_agreement", "top1_agreement_external",
-                                             "balanced_accuracy_int8", "ood_verdict_agreement") if k in t}
+                                             "balanced_accuracy_int8", "ood_verdict_agreement", "sent_to_fp32")
+                           if k in t}
                           for t in tried[:-1]]
     chosen["made_for"] = export.backbone_digest(model)
     chosen["files"] = {p.name: export.file_digest(p) for p in (output_dir / export.INT8_RANGES,
@@ -160,12 +214,28 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
 
 def judge_int8(fp32: Path, int8: Path, data_config, validation: CachedImages, guard: guard_lib.Guard | None,
                external: torch.Tensor | None = None, odd: torch.Tensor | None = None,
-               external_labels: np.ndarray | None = None) -> dict:
-    """The fidelity figures of an int8 graph against its fp32 graph, and whether they pass INT8_GATE."""
+               external_labels: np.ndarray | None = None, margin: float | None = None,
+               outputs: dict | None = None) -> dict:
+    """The fidelity figures of an int8 graph against its fp32 graph, and whether they pass INT8_GATE.
+
+    With `margin`, of the cascade: images whose int8 margin is under it answered by fp32 (`cascaded`).
+    `outputs` keeps each graph's outputs by image set across calls (the same graphs judged twice).
+    """
     from sklearn.metrics import balanced_accuracy_score
 
-    val = _float_batches(validation.images, data_config)
-    (z32, f32, t32), (z8, f8, t8) = _onnx_outputs(fp32, val), _onnx_outputs(int8, val)
+    outputs = {} if outputs is None else outputs
+    sent_shares = {}
+
+    def both(name: str, images: torch.Tensor) -> tuple[tuple, tuple]:
+        """(fp32 outputs, served outputs) of one image set; the share sent to fp32 noted by name."""
+        for path in (fp32, int8):
+            if (path, name) not in outputs:
+                outputs[path, name] = _onnx_outputs(path, _float_batches(images, data_config))
+        served, sent = cascaded(outputs[fp32, name], outputs[int8, name], margin)
+        sent_shares[name] = float(sent.mean())
+        return outputs[fp32, name], served
+
+    (z32, f32, t32), (z8, f8, t8) = both("validation", validation.images)
     y = validation.labels.numpy()
     a32, a8 = z32.argmax(1), z8.argmax(1)
     p32, p8 = metrics.softmax(z32), metrics.softmax(z8)
@@ -179,8 +249,7 @@ def judge_int8(fp32: Path, int8: Path, data_config, validation: CachedImages, gu
     }
     outs32, outs8 = [(f32, t32, validation.images)], [(f8, t8, validation.images)]
     if external is not None and len(external):
-        ext = _float_batches(external, data_config)
-        (e32, ef32, et32), (e8, ef8, et8) = _onnx_outputs(fp32, ext), _onnx_outputs(int8, ext)
+        (e32, ef32, et32), (e8, ef8, et8) = both("external", external)
         figures["n_external"] = int(len(external))
         figures["top1_agreement_external"] = float((e32.argmax(1) == e8.argmax(1)).mean())
         known = external_labels >= 0 if external_labels is not None else np.zeros(len(external), bool)
@@ -193,9 +262,9 @@ def judge_int8(fp32: Path, int8: Path, data_config, validation: CachedImages, gu
         outs8.append((ef8, et8, external))
     if guard is not None:
         if odd is not None and len(odd):
-            batches = _float_batches(odd, data_config)
-            outs32.append((*_onnx_outputs(fp32, batches)[1:], odd))
-            outs8.append((*_onnx_outputs(int8, batches)[1:], odd))
+            odd32, odd8 = both("odd", odd)
+            outs32.append((*odd32[1:], odd))
+            outs8.append((*odd8[1:], odd))
         verdicts = []
         for outs in (outs32, outs8):
             features, texture = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
@@ -203,14 +272,20 @@ def judge_int8(fp32: Path, int8: Path, data_config, validation: CachedImages, gu
             verdicts.append(guard.judge(features, colours, texture=texture)[0])
         figures["n_guard_images"] = int(len(verdicts[0]))
         figures["ood_verdict_agreement"] = float((verdicts[0] == verdicts[1]).mean())
+    if margin is not None:
+        figures.update(cascade_margin=margin, sent_to_fp32=sent_shares["validation"],
+                       sent_to_fp32_external=sent_shares.get("external"), sent_to_fp32_odd=sent_shares.get("odd"))
     figures["passed"] = bool(
         figures["top1_agreement"] >= INT8_GATE["top1_agreement"]
         and figures.get("top1_agreement_external", 1.0) >= INT8_GATE["top1_agreement_external"]
         and figures["balanced_accuracy_fp32"] - figures["balanced_accuracy_int8"] <= INT8_GATE["balanced_accuracy_drop"]
-        and figures.get("ood_verdict_agreement", 1.0) >= INT8_GATE["ood_verdict_agreement"])
+        and figures.get("ood_verdict_agreement", 1.0) >= INT8_GATE["ood_verdict_agreement"]
+        and figures.get("sent_to_fp32", 0.0) <= INT8_GATE["cascade_max_sent"])
     figures["gate"] = dict(INT8_GATE)
-    logger.info("int8 vs fp32: top-1 agreement %.4f on validation%s, balanced accuracy %.4f vs %.4f, guard "
-                "verdicts agree on %.4f: %s", figures["top1_agreement"],
+    logger.info("int8%s vs fp32: top-1 agreement %.4f on validation%s, balanced accuracy %.4f vs %.4f, guard "
+                "verdicts agree on %.4f: %s",
+                "" if margin is None else f" (fp32 under margin {margin:.3f}: {sent_shares['validation']:.1%} of "
+                                          "validation)", figures["top1_agreement"],
                 f", {figures['top1_agreement_external']:.4f} on {figures['n_external']} external images"
                 if "n_external" in figures else "", figures["balanced_accuracy_int8"],
                 figures["balanced_accuracy_fp32"], figures.get("ood_verdict_agreement", float("nan")),

@@ -304,6 +304,7 @@ def int8_section(int8: dict | None) -> str:
                 f"the stem and first stage were fine-tuned quantization-aware for {tuning['steps']} steps of "
                 f"{tuning['batch_size']} training images to give the float32 model's outputs "
                 f"(`ham-hf calibrate --int8_only true --int8_tuning_steps {tuning['steps']}`).")
+        made += f" Float32 answers the close calls {_cascade(recipe, int8)}." if recipe.get("cascade") else ""
     elif recipe:
         made = (f"Post-training int8 (`int8_ranges.json`), float until input stride "
                 f"{recipe.get('float_until_stride')} (the stem and first stage) and in the head.")
@@ -313,13 +314,27 @@ def int8_section(int8: dict | None) -> str:
                 "archives" if _number(int8.get("top1_agreement_external")) else "")
     guard = (f", the guard's verdicts agree on {100 * int8['ood_verdict_agreement']:.2f}% of "
              f"{int8.get('n_guard_images', 0):,} images" if _number(int8.get("ood_verdict_agreement")) else "")
-    rejected = "".join(
-        f" Not kept: the whole network in int8 after {r['recipe']['tuning']['steps']} tuning steps (top-1 agreement "
-        f"{r['top1_agreement']:.4f} on validation{_external(r)}), which failed the gate."
-        for r in int8.get("rejected", []) if (r.get("recipe") or {}).get("tuning"))
+    rejected = "".join(_rejected(r) for r in int8.get("rejected", []) if (r.get("recipe") or {}).get("tuning"))
     return (f"{made} Against float32: top-1 agreement {int8['top1_agreement']:.4f} on the "
             f"{int8.get('n_validation', 0):,} validation images{external}, balanced accuracy "
             f"{int8['balanced_accuracy_int8']:.4f} vs {int8['balanced_accuracy_fp32']:.4f}{guard}: {verdict}{rejected}")
+
+
+def _rejected(figures: dict) -> str:
+    """' Not kept: the whole network in int8 after N tuning steps ..., which failed the gate.'"""
+    recipe = figures["recipe"]
+    cascade = f", with float32 answering the close calls {_cascade(recipe, figures)}" if recipe.get("cascade") else ""
+    return (f" Not kept: the whole network in int8 after {recipe['tuning']['steps']} tuning steps{cascade} (top-1 "
+            f"agreement {figures['top1_agreement']:.4f} on validation{_external(figures)}), which failed the gate.")
+
+
+def _cascade(recipe: dict, figures: dict) -> str:
+    """Which answers of a cascade float32 gives: '(int8's top logit ahead of the second by less than ...)'."""
+    cascade = recipe["cascade"]
+    sent = figures.get("sent_to_fp32")
+    return (f"(int8's top logit ahead of the second by less than "
+            f"{cascade['margin']:.3f}, fitted on {cascade['fitted_on']}"
+            + (f"; {100 * sent:.1f}% of validation images)" if _number(sent) else ")"))
 
 
 def _external(figures: dict) -> str:

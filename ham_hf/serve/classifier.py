@@ -24,7 +24,7 @@ from ham_hf import model as model_lib
 from ham_hf.errors import ImageError, ModelError
 from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
-from ham_hf.metrics import softmax
+from ham_hf.metrics import softmax, top_margin
 from ham_hf.repo_ids import is_hub_id
 from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, decode_square, load_rgb, tta_views
 
@@ -133,6 +133,8 @@ class Classifier:
         self.head_weight = model_lib.head(self.model).weight.detach().float().cpu().numpy()
         self.preprocess = Preprocess(self.data_config).to(self.device)
         self.guard = self._load_guard(name_or_path)
+        # With a cascade in the int8 record: the float32 session, and the int8 margin under which it answers.
+        self._fallback, self._margin = None, 0.0
         self.backend = self._choose_backend(backend)
         logger.info("loaded %s (%s, %d px, backend %s, %s)", name_or_path, self.device, self.data_config.size,
                     self.backend, "OOD guard" if self.guard else "no OOD guard")
@@ -188,6 +190,15 @@ class Classifier:
                 try:
                     path = self._int8_graph(fidelity)
                     self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                    cascade = fidelity.get("recipe", {}).get("cascade")
+                    if cascade:  # float32 answers the close calls (ham_hf.finish.int8.cascaded)
+                        self._fallback = ort.InferenceSession(
+                            str(export.cached_onnx(self.model, self.data_config.size)), options,
+                            providers=["CPUExecutionProvider"])
+                        self._margin = float(cascade["margin"])
+                        logger.info("int8 answers when its top logit leads the second by %.3f or more, float32 "
+                                    "otherwise (%.1f%% of validation)", self._margin,
+                                    100 * fidelity.get("sent_to_fp32", float("nan")))
                     return "onnx-int8"
                 except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
                     reason = str(exc).splitlines()[0]
@@ -219,7 +230,7 @@ class Classifier:
         if not fidelity:
             return "the model's record has no int8 fidelity check (run `ham-hf calibrate --int8_only true`)"
         made = fidelity.get("recipe", {}).get("format")
-        if made != export.INT8_FORMAT:
+        if made not in export.INT8_READABLE:
             return (f"its int8 files are of {'an older' if (made or 0) < export.INT8_FORMAT else 'a newer'} format "
                     f"({made or 1}, this ham-hf reads {export.INT8_FORMAT}); rerun `ham-hf calibrate --int8_only true`")
         if gate and not fidelity.get("passed"):
@@ -258,7 +269,12 @@ class Classifier:
         """Run the model on a preprocessed batch: logits (float64), features, texture (and the last feature map)."""
         if self.backend.startswith("onnx"):
             names = ["logits", "features", "texture"] + (["feature_map"] if feature_map else [])
-            outs = self._session.run(names, {"pixel_values": pixel_values.contiguous().cpu().numpy()})
+            x = pixel_values.contiguous().cpu().numpy()
+            outs = self._session.run(names, {"pixel_values": x})
+            close = np.flatnonzero(top_margin(outs[0]) < self._margin) if self._fallback is not None else []
+            if len(close):  # the cascade: float32 recomputes the images int8 decides by a small margin
+                for out, exact in zip(outs, self._fallback.run(names, {"pixel_values": x[close]})):
+                    out[close] = exact
             return Outputs(outs[0].astype(np.float64), *outs[1:])
         fmap, features, logits, texture = model_lib.forward_all(self.model, pixel_values, texture=True)
         return Outputs(logits.double().cpu().numpy(), features.float().cpu().numpy(), texture.float().cpu().numpy(),

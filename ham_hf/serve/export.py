@@ -197,7 +197,10 @@ def save_weights_like(model, reference: str | Path, path: str | Path) -> Path:
 INT8_RANGES = "int8_ranges.json"
 INT8_WEIGHTS = "int8_weights.safetensors"
 # The version of those files and of the record's int8 section: files of another version are refused.
-INT8_FORMAT = 2
+# 3 added the cascade (the recipe's "cascade": float32 answers the close calls), which a reader of 2
+# would ignore; 2's files are built as 3's are, so they are still read.
+INT8_FORMAT = 3
+INT8_READABLE = (2, 3)
 # How activation ranges are measured (ONNX Runtime's CalibrationMethod name). The moving average
 # of per-batch extremes, not the extremes over all images: with plain MinMax, rare outliers set the
 # ranges of the later stages and their typical activations round to zero (research/README.md,

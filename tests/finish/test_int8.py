@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ham_hf import results
 from ham_hf.serve import export
@@ -179,9 +180,14 @@ def test_a_tuned_graph_that_fails_gives_way_to_the_post_training_one(calibrated_
     folder = _copy(calibrated_tiny_model, tmp_path)
     record = _calibrate_int8(folder, ham_dir_ro, "--int8_tuning_steps", "12")
     assert not record["passed"] and record["recipe"]["float_until_stride"] == export.FLOAT_UNTIL_STRIDE
-    assert [r["recipe"]["tuning"]["steps"] for r in record["rejected"]] == [12]
+    # Rejected: the tuned graph alone, then the same graph with float32 answering its close calls.
+    assert [r["recipe"]["tuning"]["steps"] for r in record["rejected"]] == [12, 12]
+    assert [r["recipe"]["cascade"] is None for r in record["rejected"]] == [True, False]
+    assert 0 <= record["rejected"][1]["sent_to_fp32"] <= 1
     assert not (folder / export.INT8_WEIGHTS).exists() and set(record["files"]) == {export.INT8_RANGES}
-    assert "Not kept: the whole network in int8 after 12 tuning steps" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "Not kept: the whole network in int8 after 12 tuning steps (top-1" in card
+    assert "Not kept: the whole network in int8 after 12 tuning steps, with float32 answering the close calls" in card
 
 
 def test_post_training_int8_leaves_the_stem_first_stage_and_head_float(calibrated_tiny_model, ham_dir_ro, tmp_path,
@@ -387,3 +393,92 @@ def test_learned_ranges_reach_the_graph_exactly(calibrated_tiny_model, ham_dir_r
     for tensor, (scale, zero) in second.items():
         want = tuned.get(tensor, tuned.get(shared.get(tensor), first[tensor]))
         assert zero == want[1] and scale == pytest.approx(want[0], rel=1e-5), tensor
+
+
+def test_the_cascade_margin_sends_the_close_calls_to_float():
+    """The margin is the smallest that keeps the asked share of float32's decisions: just above the flips it sends."""
+    from ham_hf.finish.int8 import cascade_margin, cascaded
+
+    z32 = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]] * 25)  # 100 images
+    z8 = z32.copy()
+    z8[:3] = [[0.4, 0.5], [0.3, 0.0], [0.0, 0.9]]  # three flips, int8 margins 0.1, 0.3 and 0.9
+    assert cascade_margin(z32, z8, keep=1.0) == pytest.approx(0.9) and cascade_margin(z32, z8, keep=1.0) > 0.9
+    assert cascade_margin(z32, z8, keep=0.98) == pytest.approx(0.1)  # two flips may stay: the widest two
+    assert cascade_margin(z32, z8, keep=0.97) == 0.0 and cascade_margin(z32, z32, keep=1.0) == 0.0
+    features = np.arange(200.0).reshape(100, 2)
+    (logits, feats), sent = cascaded((z32, features), (z8, -features), cascade_margin(z32, z8, keep=1.0))
+    assert (logits.argmax(1) == z32.argmax(1)).all() and sent[:3].all() and sent.sum() == 3
+    np.testing.assert_array_equal(feats[sent], features[sent])
+    np.testing.assert_array_equal(feats[~sent], -features[~sent])
+    assert not cascaded((z32,), (z8,), None)[1].any()
+
+
+@pytest.fixture(scope="module")
+def cascade_tiny_model(calibrated_tiny_model, ham_dir_ro, tmp_path_factory) -> Path:
+    """A tiny model whose tuned whole-network graph fails the gate (its ranges narrowed a hundredfold after
+    tuning) and whose cascade passes (its margin forced above every image's, the share sent to float32 allowed)."""
+    from ham_hf.finish import int8 as int8_fit
+
+    tune = int8_fit.tune_int8
+
+    def narrowed(model, data_config, train, untuned, ranges, work, steps, *args, **kwargs):
+        tuned = tune(model, data_config, train, untuned, ranges, work, steps, *args, **kwargs)[0]
+        table = json.loads(ranges.read_text())
+        for tensor in table["data"].values():
+            for end in ("lowest", "highest"):
+                tensor[end]["data"] = [x / 100 for x in tensor[end]["data"]]
+        ranges.write_text(json.dumps(table))
+        return tuned, export.quantize_int8(work / "tuned.onnx", work / "narrow.onnx", ranges, float_until_stride=0)
+
+    folder = _copy(calibrated_tiny_model, tmp_path_factory.mktemp("cascade"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HAM_HF_CACHE", str(folder.parent / "cache"))
+        mp.setattr(int8_fit, "tune_int8", narrowed)
+        mp.setattr(int8_fit, "cascade_margin", lambda z32, z8: 1e6)
+        mp.setattr(int8_fit, "INT8_GATE", {**int8_fit.INT8_GATE, "cascade_max_sent": 1.0})
+        _calibrate_int8(folder, ham_dir_ro, "--int8_tuning_steps", "4")
+    return folder
+
+
+def test_a_cascade_that_passes_is_served_with_float_for_the_close_calls(cascade_tiny_model, ham_dir_ro, cache,
+                                                                        caplog):
+    """The record keeps the cascade (margin, share sent); auto serves int8 with the float32 session beside it,
+    and every image under the margin gets float32's answer exactly."""
+    record = _int8(cascade_tiny_model)
+    assert record["passed"] and record["recipe"]["float_until_stride"] == 0
+    assert record["recipe"]["cascade"]["margin"] == 1e6 and record["sent_to_fp32"] == 1.0
+    assert record["top1_agreement"] == 1.0 and [r["recipe"]["cascade"] for r in record["rejected"]] == [None]
+    assert not record["rejected"][0].get("sent_to_fp32") and record["rejected"][0]["top1_agreement"] < 0.99
+    assert "Float32 answers the close calls (int8's top logit ahead" in (cascade_tiny_model / "README.md").read_text()
+    images = sorted(str(p) for p in ham_dir_ro.glob("HAM10000_images_part_*/*.jpg"))[:16]
+    with caplog.at_level(logging.INFO, logger="ham_hf.serve.classifier"):
+        clf = Classifier(str(cascade_tiny_model))
+    assert clf.backend == "onnx-int8" and "float32 otherwise (100.0% of validation)" in caplog.text
+    fp32 = Classifier(str(cascade_tiny_model), backend="onnx")
+    np.testing.assert_allclose(clf.predict_proba(images), fp32.predict_proba(images), atol=1e-6)
+
+
+def test_the_cascade_sends_exactly_the_images_under_its_margin(cascade_tiny_model, ham_dir_ro, tmp_path, cache):
+    """With the margin between the images' int8 margins, those under it get float32's outputs, the rest int8's."""
+    from ham_hf.metrics import top_margin
+
+    folder = _copy(cascade_tiny_model, tmp_path)
+    record = _int8(folder)
+    images = sorted(str(p) for p in ham_dir_ro.glob("HAM10000_images_part_*/*.jpg"))[:16]
+
+    def served(margin: float) -> Classifier:
+        results.update(folder, int8={**record, "recipe": {**record["recipe"], "cascade": {
+            **record["recipe"]["cascade"], "margin": margin}}})
+        return Classifier(str(folder))
+
+    unmixed = served(0.0)
+    x = unmixed.preprocess(torch.stack([unmixed.decode(p) for p in images]), train=False)
+    int8_only, fp32 = unmixed.forward(x), Classifier(str(folder), backend="onnx").forward(x)
+    margins = top_margin(int8_only.logits)
+    middle = float(np.median(margins))
+    mixed = served(middle).forward(x)
+    sent = margins < middle
+    assert 0 < sent.sum() < len(sent)
+    for got, a, b in zip(mixed[:3], fp32[:3], int8_only[:3]):
+        np.testing.assert_allclose(got[sent], a[sent], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[~sent], b[~sent])
