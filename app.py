@@ -45,8 +45,9 @@ EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 # would fail every request batched with it.
 CONCURRENCY = 16
 MAX_BATCH = 16
-# Waiting requests the queue holds: about 6 s of work at the ~40 answers/s that batching reaches on 2
-# cores, so a crowd of 100 waits instead of being turned away, and a flood is refused rather than left to time out.
+# Waiting requests the queue holds: about 8 s of work at the ~30 answers/s that batching reaches on 2
+# cores (docs/benchmarks.md), so a crowd of 100 waits instead of being turned away, and a flood is refused
+# rather than left to time out.
 QUEUE_SIZE = 256
 # Uploads: deleted UPLOAD_TTL_S after they arrive (and all of them held within UPLOAD_BUDGET_MB).
 UPLOAD_TTL_S = 300

@@ -94,7 +94,8 @@ class RecipeArguments:
     calibrate_int8: bool = field(
         default=True,
         metadata={"help": "With --calibrate: also make the int8 graph (quantization-aware tuning of the whole "
-                          "network, about 20 minutes on 2 CPU cores, else the stem and first stage float) and gate "
+                          "network, about 20 minutes on 2 CPU cores; else with float32 for its close calls; else "
+                          "the stem and first stage float) and gate "
                           "it against fp32 (ONNX Runtime, on the CPU cores). false leaves it to `ham-hf calibrate "
                           "--int8_only true` on the chosen model: on a GPU machine int8 runs on its CPU cores, which "
                           "parallel runs share."},

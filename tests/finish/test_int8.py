@@ -482,3 +482,16 @@ def test_the_cascade_sends_exactly_the_images_under_its_margin(cascade_tiny_mode
     for got, a, b in zip(mixed[:3], fp32[:3], int8_only[:3]):
         np.testing.assert_allclose(got[sent], a[sent], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got[~sent], b[~sent])
+
+
+@pytest.mark.parametrize("made, served", [(2, "onnx-int8"), (export.INT8_FORMAT + 1, "onnx")])
+def test_int8_records_of_the_previous_format_are_read_and_of_a_newer_one_refused(tuned_tiny_model, tmp_path, cache,
+                                                                                   caplog, made, served):
+    """Format 2 (before the cascade) is built as 3 is, so it is served; a newer format may mean more than this
+    ham-hf knows (a cascade it would skip), so it is refused with one line."""
+    folder = _copy(tuned_tiny_model, tmp_path)
+    record = _int8(folder)
+    results.update(folder, int8={**record, "recipe": {**record["recipe"], "format": made}})
+    with caplog.at_level(logging.INFO, logger="ham_hf.serve.classifier"):
+        assert Classifier(str(folder)).backend == served
+    assert caplog.text.count("of a newer format") == (served == "onnx")
