@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import logging
 import shutil
@@ -128,6 +129,21 @@ def _recipe(float_until_stride: int, tuning_steps: int, n_calibration: int, seed
             "onnxruntime": importlib.import_module("onnxruntime").__version__, "torch": torch.__version__}
 
 
+def _held_out(train: CachedImages, order: torch.Tensor, n_calibration: int) -> tuple[torch.Tensor, CachedImages]:
+    """(the cascade's fitting images, the tuning's images): the CASCADE_FIT_IMAGES after the calibration images in
+    `order`, and every training image but those.
+
+    Tuned on an image, int8 agrees with float32 there more than on new ones, so the margin is fitted on images
+    neither the ranges nor the tuning saw (on the calibration images when there are no others).
+    """
+    fit = order[n_calibration:n_calibration + CASCADE_FIT_IMAGES]
+    if not len(fit):
+        return order[:min(n_calibration, CASCADE_FIT_IMAGES)], train
+    rest = torch.ones(len(train), dtype=torch.bool)
+    rest[fit] = False
+    return fit, CachedImages(train.images[rest], train.labels[rest].tolist())
+
+
 def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Path, guard: guard_lib.Guard | None,
              n_calibration: int = 300, seed: int = 0, tuning_steps: int = INT8_TUNING_STEPS,
              guard_negatives=None, guard_positives=None) -> dict:
@@ -155,16 +171,7 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     pick = order[:n_calibration]
     batches = _float_batches(train.images[pick], data_config)
-    # The cascade's margin is fitted on training images that neither the ranges nor the tuning saw: tuned on
-    # them, int8 agrees with float32 there more than on new images (the calibration images when there are no others).
-    fit = order[n_calibration:n_calibration + CASCADE_FIT_IMAGES]
-    tuning_set = train
-    if len(fit):
-        rest = torch.ones(len(train), dtype=torch.bool)
-        rest[fit] = False
-        tuning_set = CachedImages(train.images[rest], train.labels[rest].tolist())
-    else:
-        fit = pick[:CASCADE_FIT_IMAGES]
+    fit, tuning_set = _held_out(train, order, n_calibration)
     others = _guard_images(data_config, guard_negatives, guard_positives, dict(model.config.label2id))
     tried, outputs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,14 +190,15 @@ def fit_int8(model, data_config, cached: dict[str, CachedImages], output_dir: Pa
             if stride == 0:
                 tuned, int8 = tune_int8(cpu_model, data_config, tuning_set, int8, ranges, work, tuning_steps, seed)
             steps = tuning_steps if tuned is not None else 0
-            figures = judge_int8(fp32, int8, data_config, cached["validation"], guard, *others, outputs=outputs)
+            judge = functools.partial(judge_int8, fp32, int8, data_config, cached["validation"], guard, *others,
+                                      outputs=outputs)
+            figures = judge()
             figures.update(n_calibration_images=int(len(pick)), recipe=_recipe(stride, steps, len(pick), seed))
             if stride == 0 and not figures["passed"]:  # int8 for the clear decisions, float32 for the close calls
                 tried.append(figures)
                 fit_batches = _float_batches(train.images[fit], data_config)
                 margin = cascade_margin(_onnx_outputs(fp32, fit_batches)[0], _onnx_outputs(int8, fit_batches)[0])
-                figures = judge_int8(fp32, int8, data_config, cached["validation"], guard, *others, margin=margin,
-                                     outputs=outputs)
+                figures = judge(margin=margin)
                 figures.update(n_calibration_images=int(len(pick)),
                                recipe=_recipe(stride, steps, len(pick), seed, margin, len(fit)))
             tried.append(figures)
