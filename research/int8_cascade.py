@@ -31,14 +31,14 @@ from ham_hf.finish.int8 import _float_batches, _guard_images, _onnx_outputs  # n
 from ham_hf.metrics import top_margin  # noqa: E402
 from ham_hf.serve import export  # noqa: E402
 from ham_hf.serve.classifier import Classifier  # noqa: E402
-from ham_hf.serve.guard import colour_stats  # noqa: E402
+from ham_hf.serve.guard import BACKSTOP, colour_stats  # noqa: E402
 from ham_hf.transforms import cache_split  # noqa: E402
 
 
 def guard_margins(guard, features, texture, colours) -> np.ndarray:
     """How far each image is from flipping a guard decision: min of |log score/threshold| and |probe logit - floor|."""
     scores = guard.score(features)
-    far = np.abs(np.log(np.maximum(scores, 1e-12) / (guard.threshold * 3.0)))
+    far = np.abs(np.log(np.maximum(scores, 1e-12) / (guard.threshold * BACKSTOP)))
     if guard.probe is None:
         return far
     p = np.clip(guard.probe.dermoscopic(texture, colours), 1e-12, 1 - 1e-12)

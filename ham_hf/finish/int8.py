@@ -281,7 +281,7 @@ def judge_int8(fp32: Path, int8: Path, data_config, validation: CachedImages, gu
         figures["n_guard_images"] = int(len(verdicts[0]))
         figures["ood_verdict_agreement"] = float((verdicts[0] == verdicts[1]).mean())
     if margin is not None:
-        figures.update(cascade_margin=margin, sent_to_fp32=sent_shares["validation"],
+        figures.update(sent_to_fp32=sent_shares["validation"],
                        sent_to_fp32_external=sent_shares.get("external"), sent_to_fp32_odd=sent_shares.get("odd"))
     figures["passed"] = bool(
         figures["top1_agreement"] >= INT8_GATE["top1_agreement"]
