@@ -39,6 +39,11 @@ def top_margin(logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
+def close_calls(logits: np.ndarray, margin: float) -> np.ndarray:
+    """Which rows int8's cascade sends to float32: top logit ahead of the second by less than `margin`."""
+    return top_margin(logits) < margin
+
+
 # Bootstrap resamples of a split report's confidence intervals (lesions resampled, seeded).
 N_BOOTSTRAP = 1000
 

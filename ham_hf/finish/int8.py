@@ -73,7 +73,7 @@ def cascaded(out32: tuple, out8: tuple, margin: float | None) -> tuple[tuple, np
     """int8 outputs with the rows whose int8 margin is under `margin` taken from float32, and which rows those are."""
     if margin is None:
         return out8, np.zeros(len(out8[0]), dtype=bool)
-    sent = metrics.top_margin(out8[0]) < margin
+    sent = metrics.close_calls(out8[0], margin)
     return tuple(np.where(sent[:, None], a, b) for a, b in zip(out32, out8)), sent
 
 

@@ -24,7 +24,7 @@ from ham_hf import model as model_lib
 from ham_hf.errors import ImageError, ModelError
 from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
-from ham_hf.metrics import softmax, top_margin
+from ham_hf.metrics import close_calls, softmax
 from ham_hf.repo_ids import is_hub_id
 from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, decode_square, load_rgb, tta_views
 
@@ -232,7 +232,8 @@ class Classifier:
         made = fidelity.get("recipe", {}).get("format")
         if made not in export.INT8_READABLE:
             return (f"its int8 files are of {'an older' if (made or 0) < export.INT8_FORMAT else 'a newer'} format "
-                    f"({made or 1}, this ham-hf reads {export.INT8_FORMAT}); rerun `ham-hf calibrate --int8_only true`")
+                    f"({made or 1}, this ham-hf reads {' and '.join(map(str, export.INT8_READABLE))}); "
+                    "rerun `ham-hf calibrate --int8_only true`")
         if gate and not fidelity.get("passed"):
             return (f"its fidelity check failed: top-1 agreement {fidelity.get('top1_agreement', float('nan')):.4f}, "
                     f"balanced accuracy {fidelity.get('balanced_accuracy_int8', float('nan')):.4f} vs fp32 "
@@ -271,7 +272,7 @@ class Classifier:
             names = ["logits", "features", "texture"] + (["feature_map"] if feature_map else [])
             x = pixel_values.contiguous().cpu().numpy()
             outs = self._session.run(names, {"pixel_values": x})
-            close = np.flatnonzero(top_margin(outs[0]) < self._margin) if self._fallback is not None else []
+            close = np.flatnonzero(close_calls(outs[0], self._margin)) if self._fallback is not None else []
             if len(close):  # the cascade: float32 recomputes the images int8 decides by a small margin
                 for out, exact in zip(outs, self._fallback.run(names, {"pixel_values": x[close]})):
                     out[close] = exact
