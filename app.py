@@ -14,6 +14,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator turns it on.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event by default, a
+# cost that grows with the events served (~4 ms of CPU an answer after 1,000, benchmarks/app_load.py).
+# Once every 1,000 events instead.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 
 import argparse  # noqa: E402
 import html  # noqa: E402
@@ -45,6 +49,9 @@ EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 # would fail every request batched with it.
 CONCURRENCY = 16
 MAX_BATCH = 16
+# Waiting clients hear their place in the queue once a second; Gradio's default tells every waiting
+# client after every job (~100 messages an answer with 100 waiting).
+STATUS_EVERY_S = 1.0
 # Waiting requests the queue holds: about 8 s of work at the ~30 answers/s that batching reaches on 2
 # cores (docs/benchmarks.md), so a crowd of 100 waits instead of being turned away, and a flood is refused
 # rather than left to time out.
@@ -243,7 +250,7 @@ def create_demo(model: str | None = None, classifier: Classifier | None = None, 
         # module does without `from __future__ import annotations`), given the upload dicts clients send.
         gr.api(answers.predict, api_name="predict")
         gr.api(answers.heat_map, api_name="explain")
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY, status_update_rate=STATUS_EVERY_S)
     return demo
 
 

@@ -48,8 +48,8 @@ def texture_cost(clf, decoded: list) -> dict:
     import onnxruntime as ort
     from onnx.utils import extract_model
 
-    session = clf._session
-    path = session._model_path
+    session = clf._graph.whole  # one image at a time: the session a lone request runs on
+    path = clf._graph.path
     inputs = [{"pixel_values": clf.preprocess(d[None], train=False).numpy()} for d in decoded]
     with tempfile.TemporaryDirectory() as tmp:
         bare = os.path.join(tmp, "bare.onnx")

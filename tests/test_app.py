@@ -269,6 +269,12 @@ def test_concurrent_requests_share_forward_passes(tiny_model, real_images):
             answers = [a for batch in pool.map(ask, range(8)) for a in batch]
         assert len(answers) == 32 and all(len(label["confidences"]) == 7 for label, _, _ in answers)
         assert len(passes) < 32
+        # What Gradio's queue does besides (its private state: gradio is pinned below 7): waiting clients
+        # hear their place on a timer, not after every job, and the queue's summary of its events is not
+        # rebuilt after each of these 32.
+        queue = demo._queue
+        assert not queue.live_updates and queue.update_intervals == app.STATUS_EVERY_S
+        assert queue.events_recorded >= 32 and queue.event_count_at_last_cache == 0
     finally:
         demo.close()
 

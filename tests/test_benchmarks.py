@@ -26,3 +26,20 @@ def test_train_throughput_reports_pipeline_and_bare_step_with_frozen_stages(tmp_
     assert fp32["pipeline_images_per_s"] > 0 and fp32["bare_step_images_per_s"] > 0
     assert fp32["pipeline_share_of_bare"] == pytest.approx(
         fp32["pipeline_images_per_s"] / fp32["bare_step_images_per_s"], abs=0.01)
+
+
+def test_predict_throughput_reports_the_loop_split_and_whole(tmp_path, ham_dir_ro, tiny_model,
+                                                                          monkeypatch):
+    out = tmp_path / "figures.json"
+    monkeypatch.setenv("HAM_HF_CACHE", str(tmp_path / "cache"))  # the ONNX export stays in the test's folder
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["predict_throughput.py", "--data-dir", str(ham_dir_ro), "--model",
+                                      str(tiny_model), "--n", "12", "--batch-size", "4", "--backends", "onnx,torch",
+                                      "--compare-split", "--rounds", "1", "--json", str(out)])
+    runpy.run_path(str(BENCHMARKS / "predict_throughput.py"), run_name="__main__")
+    figures = json.loads(out.read_text())
+    assert figures["n"] == 12 and figures["onnx"]["served"] == "onnx" and figures["onnx"]["skipped"] == 0
+    assert figures["onnx"]["per_s"] > 0 and figures["torch"]["per_s"] > 0
+    rounds = figures["onnx"]["split_against_whole"]
+    assert len(rounds["split"]) == len(rounds["whole"]) == 1 and min(rounds["split"] + rounds["whole"]) > 0
+    assert "split_against_whole" not in figures["torch"]  # no ONNX graph to split

@@ -393,3 +393,25 @@ def test_predict_reads_every_type_the_app_takes_documents_paths_and_leaves_no_st
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
     assert "PATHS are image files and folders" in capsys.readouterr().out
+
+
+def test_a_batch_split_across_threads_gives_each_image_its_own_outputs(clf):
+    """OnnxGraph runs a batch as one-thread parts side by side, in order; fewer images than threads run whole."""
+    from ham_hf.serve import export
+    from ham_hf.serve.classifier import OnnxGraph
+
+    graph = OnnxGraph(export.cached_onnx(clf.model, clf.data_config.size), threads=2)
+    calls = []
+    part_run = graph._part.run
+    graph._part.run = lambda names, feed: calls.append(len(feed["pixel_values"])) or part_run(names, feed)
+    x = np.random.default_rng(0).normal(size=(5, 3, clf.data_config.size, clf.data_config.size)).astype(np.float32)
+    names = ["logits", "features", "texture"]
+    split = graph.run(names, x)
+    assert sorted(calls) == [2, 3]  # two parts, one per thread
+    for i in range(len(x)):
+        for got, alone in zip(split, graph.whole.run(names, {"pixel_values": x[i:i + 1]})):
+            np.testing.assert_allclose(got[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    graph.run(names, x[:1])
+    assert calls == []  # one image: the session with every thread
+    assert OnnxGraph(graph.path, threads=1)._part is None
