@@ -6,9 +6,9 @@
 For each backend: build the `Classifier` once (timed apart: "load_s"), then `predict_files` on the
 first `--n` HAM10000 files, decoding included, exactly the loop `ham-hf predict` runs; "per_s" is
 images per second of that loop. A backend the model cannot serve is reported with its reason.
-With `--compare-split`, the ONNX backends also run the same loop `--rounds` times each way, turn
-about: with batches split across the threads as served ("split") and on one session with every
-thread ("whole"); images per second of each round.
+With `--compare-split`, a backend whose batches are split across threads (int8 ONNX) also runs the
+same loop `--rounds` times each way, turn about: split as served ("split") and on one session with
+every thread ("whole"); images per second of each round.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         results[backend] = {"served": classifier.backend, "load_s": round(load_s, 2), "seconds": round(seconds, 2),
                             "per_s": round(len(rows) / seconds, 1), "skipped": len(skipped)}
-        if a.compare_split and classifier.backend.startswith("onnx"):
+        if a.compare_split and getattr(classifier, "_graph", None) and classifier._graph._part is not None:
             results[backend]["split_against_whole"] = split_against_whole(classifier, files, a.batch_size, a.rounds)
         logging.getLogger("bench").info("%s: %s", backend, results[backend])
     emit(results, a.json)

@@ -28,8 +28,10 @@ def test_train_throughput_reports_pipeline_and_bare_step_with_frozen_stages(tmp_
         fp32["pipeline_images_per_s"] / fp32["bare_step_images_per_s"], abs=0.01)
 
 
-def test_predict_throughput_reports_the_loop_split_and_whole(tmp_path, ham_dir_ro, tiny_model,
-                                                                          monkeypatch):
+def test_predict_throughput_reports_the_loop_and_compares_a_split_graph_with_one_session(tmp_path, ham_dir_ro,
+                                                                                       tiny_model, monkeypatch):
+    from ham_hf.serve.classifier import Classifier, OnnxGraph
+
     out = tmp_path / "figures.json"
     monkeypatch.setenv("HAM_HF_CACHE", str(tmp_path / "cache"))  # the ONNX export stays in the test's folder
     monkeypatch.syspath_prepend(str(BENCHMARKS))
@@ -40,6 +42,13 @@ def test_predict_throughput_reports_the_loop_split_and_whole(tmp_path, ham_dir_r
     figures = json.loads(out.read_text())
     assert figures["n"] == 12 and figures["onnx"]["served"] == "onnx" and figures["onnx"]["skipped"] == 0
     assert figures["onnx"]["per_s"] > 0 and figures["torch"]["per_s"] > 0
-    rounds = figures["onnx"]["split_against_whole"]
-    assert len(rounds["split"]) == len(rounds["whole"]) == 1 and min(rounds["split"] + rounds["whole"]) > 0
-    assert "split_against_whole" not in figures["torch"]  # no ONNX graph to split
+    # fp32 ONNX and PyTorch run whole: nothing to compare. A split graph (as int8 is served) is compared.
+    assert "split_against_whole" not in figures["onnx"] and "split_against_whole" not in figures["torch"]
+    clf = Classifier(str(tiny_model), backend="onnx")
+    clf._graph = OnnxGraph(clf._graph.path, threads=2)
+    part = clf._graph._part
+    script = runpy.run_path(str(BENCHMARKS / "predict_throughput.py"))
+    files = sorted(Path(ham_dir_ro).glob("HAM10000_images_part_*/*.jpg"))[:8]
+    rounds = script["split_against_whole"](clf, files, 4, 2)
+    assert len(rounds["split"]) == len(rounds["whole"]) == 2 and min(rounds["split"] + rounds["whole"]) > 0
+    assert clf._graph._part is part  # the split is put back

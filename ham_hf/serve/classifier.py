@@ -92,9 +92,9 @@ def class_activation_map(feature_map: np.ndarray, weight: np.ndarray) -> np.ndar
 class OnnxGraph:
     """An ONNX graph on the CPU: a few images on one session using every thread, a batch split across threads.
 
-    On 2 cores a batch answers ~10% more images a second as two halves run side by side, each on one
-    thread, than on one session whose two threads meet after every layer (docs/benchmarks.md); a lone
-    image still needs every thread. Each image gets the outputs it gets in the whole batch.
+    On 2 cores the int8 graph answers ~11% more images a second as a batch's two halves run side by side,
+    each on one thread, than on one session whose two threads meet after every layer (docs/benchmarks.md);
+    a lone image still needs every thread. Each image gets the outputs it gets in the whole batch.
     """
 
     def __init__(self, path: str | Path, threads: int, split: bool = True):
@@ -240,7 +240,9 @@ class Classifier:
                 except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
                     reason = str(exc).splitlines()[0]
             logger.info("int8 not used (%s); serving fp32 ONNX", reason)
-        self._graph = OnnxGraph(export.cached_onnx(self.model, self.data_config.size), threads)
+        # Whole: split, the fp32 graph answered no faster on 2 cores (benchmarks/predict_throughput.py) and
+        # a second fp32 session would hold ~100 MB more.
+        self._graph = OnnxGraph(export.cached_onnx(self.model, self.data_config.size), threads, split=False)
         return "onnx"
 
     def _model_file(self, name: str) -> Path:
