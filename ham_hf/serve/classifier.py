@@ -92,9 +92,9 @@ def class_activation_map(feature_map: np.ndarray, weight: np.ndarray) -> np.ndar
 class OnnxGraph:
     """An ONNX graph on the CPU: a few images on one session using every thread, a batch split across threads.
 
-    On 2 cores the int8 graph answers ~11% more images a second as a batch's two halves run side by side,
-    each on one thread, than on one session whose two threads meet after every layer (docs/benchmarks.md);
-    a lone image still needs every thread. Each image gets the outputs it gets in the whole batch.
+    On 2 cores the int8 graph answers more images a second as a batch's images run side by side, each on
+    one thread, than on one session whose two threads meet after every layer (docs/benchmarks.md); a lone
+    image still needs every thread. Each image gets the outputs it gets in the whole batch.
     """
 
     def __init__(self, path: str | Path, threads: int, split: bool = True):
@@ -123,8 +123,10 @@ class OnnxGraph:
         """The named outputs for a batch (N, 3, H, W), split across threads when there are several images."""
         if self._part is None or len(pixel_values) < self.threads:  # too few to give every thread an image
             return self.whole.run(names, {"pixel_values": pixel_values})
-        parts = np.array_split(pixel_values, self.threads)
-        outs = list(self._pool.map(lambda part: self._part.run(names, {"pixel_values": part}), parts))
+        # One image a run, each thread taking the next when it is free: no thread waits on a slower share
+        # (the server's other threads take the cores in turn), and one image's activations stay in cache.
+        outs = list(self._pool.map(lambda i: self._part.run(names, {"pixel_values": pixel_values[i:i + 1]}),
+                                   range(len(pixel_values))))
         return [np.concatenate(out) for out in zip(*outs)]
 
 
@@ -443,10 +445,15 @@ def predict_files(classifier: Classifier, files: Sequence[Path], batch_size: int
                 skipped.append((str(path), str(exc)))
         return names, decoded
 
-    # Decoding in a thread one batch ahead gained nothing: the forward pass keeps both cores busy.
-    with tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
-        for chunk in (files[i:i + batch_size] for i in range(0, len(files), batch_size)):
-            names, decoded = load(chunk)
+    # The next batch decodes in a thread while the model runs on this one, filling the cores' idle moments.
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    with ThreadPoolExecutor(1, thread_name_prefix="ham-hf-decode") as loader, \
+            tqdm(total=len(files), desc="predict", unit="img", disable=not progress) as bar:
+        ahead = loader.submit(load, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            names, decoded = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = loader.submit(load, chunks[i + 1])
             for name, pred in zip(names, classifier.classify(decoded, tta) if decoded else []):
                 rows.append({"path": name, "predicted": pred.top, "group": pred.group,
                              "malignant_probability": round(pred.malignant_probability, 6),
