@@ -49,8 +49,8 @@ EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
 # would fail every request batched with it.
 CONCURRENCY = 16
 MAX_BATCH = 16
-# Waiting clients hear their place in the queue once a second; Gradio's default tells every waiting
-# client after every job (~100 messages an answer with 100 waiting).
+# Waiting clients hear their place in the queue once a second; Gradio's default sends every waiting
+# client an update after every job (with 100 waiting, ~100 messages for each answer).
 STATUS_EVERY_S = 1.0
 # Waiting requests the queue holds: about 7 s of work at the 34 to 44 answers/s that batching reaches on
 # 2 cores (docs/benchmarks.md), so a crowd of 100 waits instead of being turned away, and a flood is

@@ -242,8 +242,8 @@ class Classifier:
                 except Exception as exc:  # no ranges, old runtime, a corrupt cache: fp32 serves instead
                     reason = str(exc).splitlines()[0]
             logger.info("int8 not used (%s); serving fp32 ONNX", reason)
-        # Whole: split, the fp32 graph answered no faster on 2 cores (benchmarks/predict_throughput.py) and
-        # a second fp32 session would hold ~100 MB more.
+        # Whole, not split: split, the fp32 graph answered no faster on 2 cores (benchmarks/predict_throughput.py),
+        # and a second fp32 session would hold ~100 MB more.
         self._graph = OnnxGraph(export.cached_onnx(self.model, self.data_config.size), threads, split=False)
         return "onnx"
 
