@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Telemetry (Gradio's analytics, which contact an outside server) is off unless the operator turns it on.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event by default, a
-# cost that grows with the events served (~4 ms of CPU an answer after 1,000, benchmarks/app_load.py).
+# cost that grows with the events served (research/README.md, "Serving at the machine's rate").
 # Once every 1,000 events instead.
 os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
 
