@@ -246,13 +246,42 @@ class Preprocess(nn.Module):
             x = self.colour_jitter(x)
             if self.augment.blur_sigma > 0:
                 x = self.random_blur(x)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.normalise(x).contiguous(memory_format=torch.channels_last)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Values in [0, 1], NCHW -> the model's normalised input."""
+        return (x - self.mean) / self.std
+
+    def crop_origin(self, height: int, width: int) -> tuple[int, int]:
+        """(top, left) of timm's eval centre crop of `size` out of a height x width square."""
+        size = self.data_config.size
+        return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
     def center_crop(self, x: torch.Tensor) -> torch.Tensor:
         """timm's eval centre crop of `size` out of the cached square."""
-        size, h, w = self.data_config.size, x.shape[-2], x.shape[-1]
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        (top, left), size = self.crop_origin(x.shape[-2], x.shape[-1]), self.data_config.size
         return x[..., top : top + size, left : left + size]
+
+    def eval_array(self, images: np.ndarray) -> np.ndarray:
+        """The eval path on the CPU for ONNX Runtime: (N, H, W, 3) uint8 -> contiguous (N, 3, size, size) float32.
+
+        The same values as `forward(train=False)`, bit for bit (tested), read from a table of each channel's
+        256 levels: one pass on the calling thread, where the tensor ops took several, on threads that
+        contend with the forward pass (docs/benchmarks.md).
+        """
+        (top, left), size = self.crop_origin(images.shape[1], images.shape[2]), self.data_config.size
+        crop = np.ascontiguousarray(images[:, top : top + size, left : left + size].transpose(0, 3, 1, 2))
+        out = np.empty(crop.shape, dtype=np.float32)
+        for c, table in enumerate(self._levels()):
+            np.take(table, crop[:, c], out=out[:, c], mode="clip")  # "clip": no bounds buffer; a uint8 is in range
+        return out
+
+    def _levels(self) -> np.ndarray:
+        """(3, 256): each channel's normalised value of every uint8 level, by `normalise` itself."""
+        if getattr(self, "_level_table", None) is None:
+            levels = torch.arange(256, dtype=torch.float32).div_(255).expand(1, 3, 1, 256).to(self.mean.device)
+            self._level_table = self.normalise(levels)[0, :, 0].cpu().numpy()
+        return self._level_table
 
     def random_geometry(self, x: torch.Tensor) -> torch.Tensor:
         """Random resized crop + rotation + flips in one affine warp per image."""

@@ -36,6 +36,22 @@ def test_eval_path_equals_the_pipeline_image_processor(tiny_model, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+def test_the_eval_table_gives_the_eval_path_bit_for_bit(tiny):
+    """`eval_array` (what ONNX Runtime reads) is `forward(train=False)` exactly: every level and channel, the crop."""
+    import dataclasses
+
+    import numpy as np
+
+    _, dc = tiny
+    dc = dataclasses.replace(dc, resize=dc.size + 7)  # an odd margin: the crop's rounding is part of the check
+    images = torch.randint(0, 256, (5, dc.resize, dc.resize, 3), dtype=torch.uint8)
+    images[0, :16, :16] = torch.arange(256, dtype=torch.uint8).view(16, 16, 1)  # every level in every channel
+    pre = Preprocess(dc)
+    ours = pre.eval_array(images.numpy())
+    assert ours.shape == (5, 3, dc.size, dc.size) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.array_equal(ours, pre(images, train=False).contiguous().numpy())
+
+
 def test_train_path_shapes_range_and_seed(tiny):
     _, dc = tiny
     images = torch.randint(0, 256, (6, dc.resize, dc.resize, 3), dtype=torch.uint8)

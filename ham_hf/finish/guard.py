@@ -218,11 +218,11 @@ def served_inputs(clf, images, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The guard's inputs (features, texture, colours) of images (paths, bytes or PIL), as a Classifier serves."""
     out: dict[str, list] = {"features": [], "texture": [], "colours": []}
     for start in range(0, len(images), batch_size):
-        decoded = [clf.decode(im) for im in images[start:start + batch_size]]
-        outs = clf.forward(clf.preprocess(torch.stack(decoded), train=False))
+        decoded = torch.stack([clf.decode(im) for im in images[start:start + batch_size]])
+        outs = clf.forward(clf.pixels(decoded))
         out["features"].append(outs.features)
         out["texture"].append(outs.texture)
-        out["colours"].append(guard_lib.colour_stats(torch.stack(decoded).numpy()))
+        out["colours"].append(guard_lib.colour_stats(decoded.numpy()))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

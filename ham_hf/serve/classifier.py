@@ -27,6 +27,7 @@ from ham_hf.images import IMAGE_SUFFIXES
 from ham_hf.labels import CLASS_CODES, MALIGNANT, display_name
 from ham_hf.metrics import close_calls, softmax
 from ham_hf.repo_ids import is_hub_id
+from ham_hf.serve.guard import colour_stats
 from ham_hf.transforms import TTA_VIEWS, Preprocess, decode_images, decode_square, tta_views
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,9 @@ class Classifier:
 
     Its surface: `predict` (images to one Prediction each) and `predict_proba` (the same as an array);
     for a server that batches requests itself, `decode` (one upload to the model's uint8 square) and
-    `classify` (decoded images to Predictions, with heat maps, in one forward pass); `forward` (a
-    preprocessed batch to logits, features and texture statistics) for the guard's fit and the heat map.
+    `classify` (decoded images to Predictions, with heat maps, in one forward pass); `pixels` (decoded
+    images to the model's input) and `forward` (that input to logits, features and texture statistics)
+    for the guard's fit and the heat map.
     """
 
     def __init__(self, name_or_path: str, backend: str = "auto", device: str | None = None):
@@ -305,6 +307,12 @@ class Classifier:
         dc = self.data_config
         return torch.from_numpy(decode_square(image, dc))
 
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded uint8 images (N, H, W, 3) -> the model's input batch (eval crop, normalised)."""
+        if self.backend.startswith("onnx"):  # the same values, in the NCHW layout ONNX Runtime reads
+            return torch.from_numpy(self.preprocess.eval_array(images.numpy()))
+        return self.preprocess(images.to(self.device), train=False)
+
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> Outputs:
         """Run the model on a preprocessed batch: logits (float64), features, texture (and the last feature map)."""
@@ -345,7 +353,10 @@ class Classifier:
         90-degree views, probabilities averaged). The guard scores, and the map shows, the image as given.
         """
         flags = [bool(tta)] * len(decoded) if isinstance(tta, bool) else [bool(f) for f in tta]
-        x = self.preprocess(torch.stack(list(decoded)).to(self.device), train=False)
+        images = torch.stack(list(decoded))
+        # Before the forward pass, which leaves the caches full of its own weights, while the images are in them.
+        colours = colour_stats(images.numpy()) if self.guard is not None else None
+        x = self.pixels(images)
         turned = [i for i, f in enumerate(flags) if f]
         # The other 7 views of the images that asked for them, view-major, after the images themselves.
         batch = torch.cat([x, tta_views(x[turned])[len(turned):]]) if turned else x
@@ -354,9 +365,6 @@ class Classifier:
         extra = probs[n:].reshape(TTA_VIEWS - 1, len(turned), probs.shape[1]) if turned else None
         scores, verdicts, kinds = [None] * n, [None] * n, [None] * n
         if self.guard is not None:
-            from ham_hf.serve.guard import colour_stats
-
-            colours = colour_stats(torch.stack(list(decoded)).numpy())
             scores = self.guard.score(outs.features[:n])
             verdicts, kinds = self.guard.judge(outs.features[:n], colours, scores, outs.texture[:n])
         out, k = [], 0

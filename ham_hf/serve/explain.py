@@ -24,8 +24,7 @@ def _upsample(cam: np.ndarray, size: int) -> np.ndarray:
 
 def class_activation(classifier: Classifier, image, class_index: int | None = None) -> tuple[np.ndarray, int]:
     """Return (CAM in [0, 1] at the model's input size, class index explained) for one image."""
-    x = classifier.preprocess(classifier.decode(image)[None].to(classifier.device), train=False)
-    outs = classifier.forward(x, feature_map=True)
+    outs = classifier.forward(classifier.pixels(classifier.decode(image)[None]), feature_map=True)
     index = int(outs.logits[0].argmax()) if class_index is None else int(class_index)
     cam = class_activation_map(outs.feature_map[0], classifier.head_weight[index])
     if cam is None:
@@ -56,11 +55,8 @@ def grad_cam(classifier: Classifier, image, class_index: int | None = None) -> t
 
 def view_of(classifier: Classifier, decoded: torch.Tensor) -> Image.Image:
     """A decoded image (`Classifier.decode`) as the model sees it: centre-cropped, before normalisation."""
-    x = classifier.preprocess(decoded[None].to(classifier.device), train=False)[0].float().cpu()
-    mean = torch.tensor(classifier.data_config.mean).view(3, 1, 1)
-    std = torch.tensor(classifier.data_config.std).view(3, 1, 1)
-    pixels = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels)
+    (top, left), size = classifier.preprocess.crop_origin(*decoded.shape[:2]), classifier.data_config.size
+    return Image.fromarray(np.ascontiguousarray(decoded[top : top + size, left : left + size].numpy()))
 
 
 def model_view(classifier: Classifier, image) -> Image.Image:

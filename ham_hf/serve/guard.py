@@ -158,8 +158,10 @@ TEXTURE_EPS = 1e-3
 def colour_stats(rgb) -> np.ndarray:
     """(mean HSV saturation, share of grey pixels) of a uint8 RGB image (H, W, 3), or of each image of a batch
     (N, H, W, 3): dermoscopy is a colour photograph."""
-    x = np.asarray(rgb)[..., ::4, ::4, :].astype(np.float32)  # every 4th pixel: the shares need no detail
-    top, low = x.max(axis=-1), x.min(axis=-1)
+    x = np.asarray(rgb)[..., ::4, ::4, :]  # every 4th pixel: the shares need no detail
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]  # pairwise on uint8: a reduction over an axis of 3 took 6x longer
+    top = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    low = np.minimum(np.minimum(r, g), b).astype(np.float32)
     saturation = (top - low) / np.maximum(top, 1.0)
     return np.stack([saturation.mean(axis=(-2, -1)), (saturation < GREY_SATURATION).mean(axis=(-2, -1))],
                     axis=-1).astype(np.float32)

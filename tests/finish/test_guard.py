@@ -136,6 +136,20 @@ def test_greyscale_is_told_apart_by_colour():
     assert guard_lib.colour_stats(grey)[1] > guard_lib.GREY_SHARE > guard_lib.colour_stats(skin)[1]
 
 
+def test_colour_statistics_are_hsv_saturation_of_every_fourth_pixel():
+    """Mean HSV saturation and the share under GREY_SATURATION, on a batch and on one image, against colorsys."""
+    import colorsys
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    images[1, :20] = images[1, :20, :, :1]  # half grey
+    images[2] = 0  # black: saturation 0, not a division by zero
+    for image, got in zip(images, guard_lib.colour_stats(images)):
+        sat = np.array([colorsys.rgb_to_hsv(*(p / 255.0))[1] for p in image[::4, ::4].reshape(-1, 3)])
+        np.testing.assert_allclose(got, [sat.mean(), (sat < guard_lib.GREY_SATURATION).mean()], atol=1e-6)
+        np.testing.assert_array_equal(guard_lib.colour_stats(image), got)
+
+
 def test_the_probe_s_floor_keeps_what_a_fit_without_each_source_would():
     """The floor: the lowest of validation's keep quantile and, per other source of dermoscopy, the
     PROBE_QUANTILE of P(dermoscopic) from a fit without it; sources weigh alike whatever their size."""

@@ -170,6 +170,40 @@ def test_tuned_int8_that_passes_is_the_whole_network_but_the_head(tuned_tiny_mod
     assert "fine-tuned quantization-aware for 12 steps" in (tuned_tiny_model / "README.md").read_text()
 
 
+def test_the_texture_statistics_dequantize_each_stage_once_with_the_same_outputs(tuned_tiny_model, ham_dir_ro,
+                                                                                   tmp_path, cache, monkeypatch):
+    """The int8 graph reads each stage's map once for its texture statistics (one DequantizeLinear, not one per use
+    after ONNX Runtime's optimisation), and every output is the same, bit for bit, as without that rewrite."""
+    import onnx
+    import onnxruntime as ort
+
+    from ham_hf.model import TEXTURE_STAGES
+
+    clf = Classifier(str(tuned_tiny_model))
+    served = Path(clf._graph.path)
+    assert sum(n.name.endswith("/texture_once") for n in onnx.load(str(served)).graph.node) == TEXTURE_STAGES
+    monkeypatch.setattr(export, "texture_reads_once", lambda graph: 0)
+    with pytest.MonkeyPatch.context() as mp:  # the served model's own build, with the rewrite left out
+        mp.setattr(export, "int8_recipe", lambda stride: "without the rewrite")
+        plain = Path(clf._int8_graph())
+    assert plain != served
+
+    def session(path, name):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / name)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    sessions = [session(served, "served.onnx"), session(plain, "plain.onnx")]
+    images = sorted(ham_dir_ro.glob("HAM10000_images_part_*/*.jpg"))[:8]
+    x = clf.pixels(torch.stack([clf.decode(str(f)) for f in images])).numpy()
+    names = ["logits", "features", "texture", "feature_map"]
+    for once, many in zip(*(s.run(names, {"pixel_values": x}) for s in sessions)):
+        assert np.array_equal(once, many)
+    dequantize = [sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(tmp_path / name)).graph.node)
+                  for name in ("served.onnx", "plain.onnx")]
+    assert dequantize[0] <= dequantize[1] - TEXTURE_STAGES, dequantize
+
+
 def test_a_tuned_graph_that_fails_gives_way_to_the_post_training_one(calibrated_tiny_model, ham_dir_ro, tmp_path,
                                                                      cache, monkeypatch):
     """When the tuned whole-network graph fails the gate, the stem-and-first-stage-float graph is measured and
