@@ -307,11 +307,11 @@ class Classifier:
         dc = self.data_config
         return torch.from_numpy(decode_square(image, dc))
 
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Decoded uint8 images (N, H, W, 3) -> the model's input batch (eval crop, normalised)."""
+    def pixels(self, images) -> torch.Tensor:
+        """Decoded uint8 images (N, H, W, 3; array or tensor) -> the model's input batch (eval crop, normalised)."""
         if self.backend.startswith("onnx"):  # the same values, in the NCHW layout ONNX Runtime reads
-            return torch.from_numpy(self.preprocess.eval_array(images.numpy()))
-        return self.preprocess(images.to(self.device), train=False)
+            return torch.from_numpy(self.preprocess.eval_array(np.asarray(images)))
+        return self.preprocess(torch.as_tensor(images).to(self.device), train=False)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor, feature_map: bool = False) -> Outputs:
@@ -353,9 +353,10 @@ class Classifier:
         90-degree views, probabilities averaged). The guard scores, and the map shows, the image as given.
         """
         flags = [bool(tta)] * len(decoded) if isinstance(tta, bool) else [bool(f) for f in tta]
-        images = torch.stack(list(decoded))
+        # numpy, not torch, on the ONNX path: torch's threads would spin after each op, taking the cores from it.
+        images = np.stack([np.asarray(d) for d in decoded])
         # Before the forward pass, which leaves the caches full of its own weights, while the images are in them.
-        colours = colour_stats(images.numpy()) if self.guard is not None else None
+        colours = colour_stats(images) if self.guard is not None else None
         x = self.pixels(images)
         turned = [i for i, f in enumerate(flags) if f]
         # The other 7 views of the images that asked for them, view-major, after the images themselves.
