@@ -314,6 +314,11 @@ def test_grad_cam_map_shape_range_class_and_overlay(tiny_model, ham_dir_ro):
     overlay, explained = explain(clf, image, class_index=other)
     assert explained == other and overlay.size == model_view(clf, image).size == (size, size)
     assert overlay.mode == "RGB"
+    # The view is the network's input before normalisation: undo the mean and std, and the pixels come back.
+    x = clf.pixels(clf.decode(image)[None])[0].permute(1, 2, 0).numpy()
+    dc = clf.data_config
+    np.testing.assert_array_equal(np.asarray(model_view(clf, image)),
+                                  np.round((x * np.array(dc.std) + np.array(dc.mean)) * 255).astype(np.uint8))
 
 
 def test_class_activation_map_is_grad_cam_without_a_backward_pass(tiny_model):
