@@ -267,7 +267,7 @@ class Preprocess(nn.Module):
 
         The same values as `forward(train=False)`, bit for bit (tested), read from a table of each channel's
         256 levels: one pass on the calling thread, where the tensor ops took several, on threads that
-        contend with the forward pass (docs/benchmarks.md).
+        contend with the forward pass (research/README.md, "Around the graph").
         """
         (top, left), size = self.crop_origin(images.shape[1], images.shape[2]), self.data_config.size
         crop = np.ascontiguousarray(images[:, top : top + size, left : left + size].transpose(0, 3, 1, 2))

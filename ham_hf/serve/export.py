@@ -281,7 +281,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, ranges_path: str 
 
 
 def texture_reads_once(graph) -> int:
-    """Let the float texture statistics dequantize each stage's int8 map once, not once per use; the count changed.
+    """Let the float texture statistics dequantize each stage's int8 map once, not once per use; the maps rerouted.
 
     ONNX Runtime gives every node that reads a dequantized tensor a DequantizeLinear of its own
     (EnsureUniqueDQForNodeUnit), so the statistics' three reads of a stage's map were three
