@@ -6,6 +6,9 @@ model is scored in the precision it was trained in on the same machine.
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 
@@ -28,11 +31,36 @@ def use_bf16(device: str | torch.device, requested: bool | None = None) -> bool:
     return bf16_native(device) if requested is None else bool(requested)
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """This CPU in words: its model name, family and model from /proc/cpuinfo (else the platform's name).
+
+    Family and model because a virtual machine may show only "AMD EPYC": two EPYC generations then look
+    alike but run the int8 graph 1.7x apart (docs/benchmarks.md).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:  # the first processor's block is enough
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = " ".join(fields.get("model name", "").split()) or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        return f"{name}, family {fields['cpu family']} model {fields['model']}"
+    return name
+
+
 def device_name(use_cpu: bool = False) -> str:
-    """The device work runs on, in words (GPU name, or CPU with its thread count)."""
+    """The device work runs on, in words (GPU name, or CPU with its model and thread count)."""
     if torch.cuda.is_available() and not use_cpu:
         return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_name()}; {torch.get_num_threads()} threads)"
 
 
 def name(bf16: bool, fp16: bool = False) -> str:

@@ -22,6 +22,7 @@ def test_train_throughput_reports_pipeline_and_bare_step_with_frozen_stages(tmp_
     runpy.run_path(str(BENCHMARKS / "train_throughput.py"), run_name="__main__")
     figures = json.loads(out.read_text())
     assert figures["frozen_stages"] == 1 and figures["image_size"] == 40
+    assert figures["cpu"]  # every figure names the CPU it ran on
     fp32 = figures["fp32"]
     assert fp32["pipeline_images_per_s"] > 0 and fp32["bare_step_images_per_s"] > 0
     assert fp32["pipeline_share_of_bare"] == pytest.approx(

@@ -46,6 +46,18 @@ def test_precision_choice_on_the_cpu(monkeypatch):
         train.HamTrainingArguments(output_dir="/tmp/x", bf16=True)
 
 
+def test_the_cpu_is_named_with_its_family_and_model():
+    # Two /proc/cpuinfo blocks (a virtual machine that shows only "AMD EPYC"): the first one names the CPU.
+    amd = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx512f\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n")
+    assert precision.cpu_name(amd) == "AMD EPYC, family 26 model 2"
+    intel = "model name\t: Intel(R) Xeon(R)  Platinum 8481C CPU @ 2.70GHz\ncpu family\t: 6\nmodel\t\t: 143\n"
+    assert precision.cpu_name(intel) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz, family 6 model 143"
+    assert precision.cpu_name("")  # no /proc/cpuinfo (not Linux): the platform's name, never empty
+    if not torch.cuda.is_available():
+        assert precision.device_name().startswith(f"CPU ({precision.cpu_name()}; ")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
 def test_bf16_true_on_a_cpu_without_it_is_one_message(tmp_path, ham_dir_ro, tiny_backbone, monkeypatch, caplog):
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
