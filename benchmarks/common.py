@@ -56,7 +56,7 @@ def emit(figures: dict, json_path: str | None) -> None:
     """Log the figures with the CPU they ran on as one JSON line, and write them to json_path when given."""
     from ham_hf.precision import cpu_name
 
-    figures = {**figures, "cpu": cpu_name()}  # the pool's machines differ by up to 1.7x: every figure names its CPU
+    figures = {**figures, "cpu": cpu_name()}  # machines differ: every figure names its CPU
     logging.getLogger("bench").info("%s", json.dumps(figures))
     if json_path:
         with open(json_path, "w") as fh:

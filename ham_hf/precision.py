@@ -35,7 +35,7 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     """This CPU in words: its model name, family and model from /proc/cpuinfo (else the platform's name).
 
     Family and model because a virtual machine may show only "AMD EPYC": two EPYC generations then look
-    alike but run the int8 graph 1.7x apart (docs/benchmarks.md).
+    alike but serve at very different speeds (docs/benchmarks.md).
     """
     if cpuinfo is None:
         try:
