@@ -25,8 +25,6 @@ import time
 import numpy as np
 import torch
 
-from ham_hf.precision import device_name
-
 from common import arguments, emit, images, model_folder, summary
 
 
@@ -83,7 +81,7 @@ def main() -> None:
     fast, fp32, eager = Classifier(folder), Classifier(folder, backend="onnx"), Classifier(folder, backend="torch")
     stock = pipeline("image-classification", model=folder)
     results = {
-        "device": device_name(use_cpu=True), "image_size": fast.data_config.size,
+        "device": f"CPU ({torch.get_num_threads()} threads)", "image_size": fast.data_config.size,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "app_backend": fast.backend,
         "app (onnx fp32)": summary(timed(lambda f: fp32.predict([f]), files)),
         "app (torch)": summary(timed(lambda f: eager.predict([f]), files)),
